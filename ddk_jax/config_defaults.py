@@ -1,0 +1,96 @@
+"""The base experiment config every `configs/*.py` starts from.
+
+Each config file calls `base_config()`, overrides what its experiment needs and returns
+it.  The base is locked: a key that does not exist here is an error (a typo never turns
+into a silently ignored setting).  Every key is documented in docs/config.md.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from ddk_jax.model import ModelConfig
+
+
+def model_section(**overrides) -> ml_collections.ConfigDict:
+  d = ModelConfig().to_dict()
+  d.update(overrides)
+  cfg = ml_collections.ConfigDict(d)
+  # rope_scaling is None or a dict; let configs and flags set either.
+  cfg.rope_scaling = ml_collections.FieldReference(d["rope_scaling"], field_type=object)
+  return cfg
+
+
+def base_config() -> ml_collections.ConfigDict:
+  from ddk_jax.data.config import default_data_config  # the data package owns its section
+
+  c = ml_collections.ConfigDict()
+  c.mode = "ddk"  # cpt | kd | ddk | ddk_no_smoothing | ddk_equal_sampling
+  c.seed = 0
+  c.steps = 1000
+  c.global_batch_size = 8  # sequences per optimizer step, over all hosts
+
+  # Models. source: 'random' (initialised here), 'hf' (a local or gs:// Hugging Face
+  # directory in `path`; its config.json defines the shape), 'workdir' (the student of a
+  # finished ddk_jax run in `path`, e.g. the demo's pre-trained teacher).
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.source = "random"
+  c.teacher.path = ""
+  c.teacher.model = model_section(param_dtype="bfloat16", compute_dtype="bfloat16")
+  c.student = ml_collections.ConfigDict()
+  c.student.source = "random"
+  c.student.path = ""
+  c.student.model = model_section()
+
+  c.data = default_data_config()
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  # [[logical_axis, mesh_axis or [mesh_axes] or None], ...]; empty: ddk_jax.sharding.DEFAULT_RULES
+  c.mesh.rules = ml_collections.FieldReference([], field_type=list)
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 3e-4
+  c.optimizer.warmup_steps = 100
+  c.optimizer.schedule = "cosine"  # cosine | constant
+  c.optimizer.min_lr_ratio = 0.1
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-8
+  c.optimizer.grad_clip_norm = 1.0
+  c.optimizer.grad_accum = 1
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.gamma = 1.0  # weight of the KD term
+  c.loss.temperature = 1.0
+  c.loss.impl = "chunked"  # chunked | naive (reference, materialises full logits)
+  c.loss.chunk_size = 0  # tokens per chunk of the chunked loss; 0 = chosen from the vocab
+
+  c.ddk = ml_collections.ConfigDict()
+  c.ddk.interval = 1000  # K: steps between domain-weight updates
+  c.ddk.alpha = 0.5  # factor-smoothing weight
+  c.ddk.floor = 0.0  # minimum weight per domain
+  c.ddk.update_at_start = True  # first update at step 0 from the measured gap
+  # static proportions for kd/cpt (and ddk before its first update); empty = uniform
+  c.ddk.initial_weights = ml_collections.FieldReference([], field_type=list)
+  c.ddk.eval_batch_size = 8  # validation rows per eval batch (global)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 0  # extra student validation every N steps (0: only at DDK updates and the end)
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 500
+  c.checkpoint.keep = 3
+  c.checkpoint.keep_period = 0  # also keep every M-th step's checkpoint (0: off)
+  c.checkpoint.async_save = True
+
+  c.logging = ml_collections.ConfigDict()
+  c.logging.every = 10
+  c.logging.tensorboard = True
+  c.logging.progress_bar = True
+
+  c.lock()
+  return c

@@ -1,0 +1,107 @@
+"""Start-up checks of a resolved experiment config.
+
+Everything that can be known before touching a device or a file is checked here, so a
+bad value fails in the first second with a message that names the key and the fix,
+not an hour into a run.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ddk_jax import sharding
+from ddk_jax.model import ModelConfig
+from ddk_jax.train_step import LOSS_IMPLS, MODES
+
+MODEL_SOURCES = ("random", "hf", "workdir")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key and the fix."""
+
+
+def _positive_int(cfg: Any, key: str) -> None:
+  value = _get(cfg, key)
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ConfigError(f"{key}={value!r}: must be a positive integer.")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+  node = cfg
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def model_config(cfg: Any, which: str) -> ModelConfig:
+  try:
+    m = ModelConfig.from_dict(cfg[which].model.to_dict())
+    m.validate(prefix=f"{which}.model")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return m
+
+
+def validate_config(cfg: Any, num_devices: int) -> None:
+  """Raises ConfigError for the first problem found."""
+  if cfg.mode not in MODES:
+    raise ConfigError(f"mode={cfg.mode!r}: must be one of {', '.join(MODES)}.")
+  for key in ("steps", "global_batch_size", "ddk.interval", "ddk.eval_batch_size", "optimizer.grad_accum",
+              "logging.every", "checkpoint.every", "checkpoint.keep", "data.seq_len"):
+    _positive_int(cfg, key)
+  for key in ("eval.every", "optimizer.warmup_steps", "checkpoint.keep_period"):
+    if int(_get(cfg, key)) < 0:
+      raise ConfigError(f"{key}={_get(cfg, key)!r}: must be >= 0.")
+  if not float(cfg.optimizer.learning_rate) > 0:
+    raise ConfigError(f"optimizer.learning_rate={cfg.optimizer.learning_rate!r}: must be > 0.")
+  if not 0.0 <= float(cfg.ddk.alpha) <= 1.0:
+    raise ConfigError(f"ddk.alpha={cfg.ddk.alpha!r}: must be in [0, 1] (the paper uses 0.5).")
+  if not float(cfg.loss.temperature) > 0:
+    raise ConfigError(f"loss.temperature={cfg.loss.temperature!r}: must be > 0.")
+  if float(cfg.loss.gamma) < 0:
+    raise ConfigError(f"loss.gamma={cfg.loss.gamma!r}: must be >= 0.")
+  if cfg.loss.impl not in LOSS_IMPLS:
+    raise ConfigError(f"loss.impl={cfg.loss.impl!r}: must be one of {', '.join(LOSS_IMPLS)}.")
+  for which in ("teacher", "student"):
+    if cfg[which].source not in MODEL_SOURCES:
+      raise ConfigError(f"{which}.source={cfg[which].source!r}: must be one of {', '.join(MODEL_SOURCES)}.")
+    if cfg[which].source in ("hf", "workdir") and not cfg[which].path:
+      raise ConfigError(f"{which}.path is empty but {which}.source={cfg[which].source!r} needs it: "
+                        f"pass --config.{which}.path=/path/to/checkpoint.")
+
+  student = model_config(cfg, "student")
+  if cfg.mode != "cpt":
+    teacher = model_config(cfg, "teacher")
+    # With HF sources the shapes come from config.json and are re-checked after loading.
+    if teacher.vocab_size != student.vocab_size:
+      raise ConfigError(
+          f"teacher.model.vocab_size={teacher.vocab_size} != student.model.vocab_size={student.vocab_size}: "
+          "logit distillation needs one shared tokenizer and vocabulary; pick a teacher/student pair that "
+          "share a tokenizer (or use mode=cpt, which has no teacher).")
+
+  try:
+    mesh_sizes = sharding.resolve_mesh_shape(cfg.mesh, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  rules = dict(sharding.rules_from_config(cfg.mesh.rules))
+  batch_axes = rules.get("batch") or ()
+  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+  dp = math.prod(mesh_sizes[a] for a in batch_axes)
+  accum = int(cfg.optimizer.grad_accum)
+  if cfg.global_batch_size % (dp * accum):
+    raise ConfigError(
+        f"global_batch_size={cfg.global_batch_size} is not divisible by data-parallel size {dp} "
+        f"(mesh {mesh_sizes}, batch over {list(batch_axes)}) x optimizer.grad_accum={accum}; "
+        f"use a multiple of {dp * accum}.")
+  if cfg.ddk.eval_batch_size % dp:
+    raise ConfigError(f"ddk.eval_batch_size={cfg.ddk.eval_batch_size} is not divisible by the data-parallel "
+                      f"size {dp}; use a multiple of {dp}.")
+  weights = list(cfg.ddk.initial_weights)
+  if weights:
+    n = len(cfg.data.domains)
+    if len(weights) != n:
+      raise ConfigError(f"ddk.initial_weights has {len(weights)} entries but data.domains has {n}; "
+                        "give one weight per domain (or [] for uniform).")
+    if any(not (float(w) >= 0) for w in weights) or not sum(float(w) for w in weights) > 0:
+      raise ConfigError(f"ddk.initial_weights={weights}: weights must be finite, >= 0 and not all zero.")

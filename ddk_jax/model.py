@@ -1,0 +1,265 @@
+"""Llama-family decoder-only transformer (Llama 1/2/3, TinyLlama, Mistral, Qwen1.5/2).
+
+The math is written once as pure functions over a param dict (`apply_hidden`,
+`head_weight`) so the jitted train step works on plain pytrees; `Transformer` is the Flax
+NNX module that owns the params (with logical axis metadata) and calls the same
+functions.  Per-layer params are stacked on a leading `layers` axis, so scanned and
+unrolled execution share one param layout (and one checkpoint format).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ddk_jax import rope
+from ddk_jax.sharding import constrain
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 4096
+  hidden_size: int = 256
+  intermediate_size: int = 688
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 0  # 0: hidden_size // num_heads
+  rope_theta: float = 10000.0
+  rope_scaling: Mapping[str, Any] | None = None
+  rms_norm_eps: float = 1e-5
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False  # q/k/v bias (Qwen1.5 / Qwen2)
+  sliding_window: int = 0  # 0: full causal attention (Mistral v0.1 uses 4096)
+  max_position_embeddings: int = 4096
+  initializer_range: float = 0.02
+  param_dtype: str = "float32"
+  compute_dtype: str = "float32"
+  remat: str = "none"  # none | full | dots
+  scan_layers: bool = True
+  attention_impl: str = ""  # "": let JAX pick (cuDNN on GPU where it applies); "xla" | "cudnn"
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_heads
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(names)}")
+    d = dict(d)
+    if d.get("rope_scaling") is not None:
+      d["rope_scaling"] = dict(d["rope_scaling"])
+    return cls(**d)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    if d["rope_scaling"] is not None:
+      d["rope_scaling"] = dict(d["rope_scaling"])
+    return d
+
+  def validate(self, prefix: str = "model") -> None:
+    def bad(key, why):
+      raise ValueError(f"{prefix}.{key}: {why}")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+      if int(getattr(self, key)) <= 0:
+        bad(key, f"must be a positive integer, got {getattr(self, key)}")
+    if self.num_heads % self.num_kv_heads:
+      bad("num_kv_heads", f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} (GQA/MQA)")
+    if not self.head_dim and self.hidden_size % self.num_heads:
+      bad("head_dim", f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; set head_dim explicitly")
+    if self.resolved_head_dim % 2:
+      bad("head_dim", f"RoPE needs an even head dim, got {self.resolved_head_dim}")
+    for key in ("param_dtype", "compute_dtype"):
+      if getattr(self, key) not in DTYPES:
+        bad(key, f"{getattr(self, key)!r} is not one of {sorted(DTYPES)}")
+    if self.remat not in REMAT_POLICIES:
+      bad("remat", f"{self.remat!r} is not one of {REMAT_POLICIES}")
+    rope.inverse_frequencies(self.resolved_head_dim, self.rope_theta, self.rope_scaling)
+
+  def num_params(self, include_embedding: bool = True) -> int:
+    h, f, d = self.hidden_size, self.intermediate_size, self.resolved_head_dim
+    attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
+    if self.attention_bias:
+      attn += d * (self.num_heads + 2 * self.num_kv_heads)
+    per_layer = attn + 3 * h * f + 2 * h
+    total = self.num_layers * per_layer + h
+    if include_embedding:
+      total += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+    elif not self.tie_word_embeddings:
+      total += self.vocab_size * h  # the LM head is a matmul, count it
+    return total
+
+
+def param_shapes_and_axes(cfg: ModelConfig) -> tuple[dict, dict]:
+  """(shapes, logical axes) for every parameter; the single source of the param layout."""
+  L, H, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+  N, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+  layers = {
+      "attn_norm": ((L, H), ("layers", "norm")),
+      "wq": ((L, H, N, D), ("layers", "embed", "q_heads", "head_dim")),
+      "wk": ((L, H, K, D), ("layers", "embed", "kv_heads", "head_dim")),
+      "wv": ((L, H, K, D), ("layers", "embed", "kv_heads", "head_dim")),
+      "wo": ((L, N, D, H), ("layers", "q_heads", "head_dim", "embed")),
+      "mlp_norm": ((L, H), ("layers", "norm")),
+      "w_gate": ((L, H, F), ("layers", "embed", "mlp")),
+      "w_up": ((L, H, F), ("layers", "embed", "mlp")),
+      "w_down": ((L, F, H), ("layers", "mlp", "embed")),
+  }
+  if cfg.attention_bias:
+    layers["bq"] = ((L, N, D), ("layers", "q_heads", "head_dim"))
+    layers["bk"] = ((L, K, D), ("layers", "kv_heads", "head_dim"))
+    layers["bv"] = ((L, K, D), ("layers", "kv_heads", "head_dim"))
+  table = {
+      "embed": ((V, H), ("vocab", "embed")),
+      "layers": layers,
+      "final_norm": ((H,), ("norm",)),
+  }
+  if not cfg.tie_word_embeddings:
+    table["lm_head"] = ((H, V), ("embed", "vocab"))
+  is_entry = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple)
+  shapes = jax.tree.map(lambda e: e[0], table, is_leaf=is_entry)
+  axes = jax.tree.map(lambda e: e[1], table, is_leaf=is_entry)
+  return shapes, axes
+
+
+def logical_axes(cfg: ModelConfig) -> dict:
+  return param_shapes_and_axes(cfg)[1]
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
+  """Random init as HF does it: N(0, initializer_range) weights, ones for norms, zero biases."""
+  shapes, _ = param_shapes_and_axes(cfg)
+  dtype = DTYPES[cfg.param_dtype]
+  paths, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  keys = jax.random.split(key, len(paths))
+  leaves = []
+  for (path, shape), k in zip(paths, keys):
+    name = path[-1].key
+    if name.endswith("norm"):
+      leaves.append(jnp.ones(shape, dtype))
+    elif name in ("bq", "bk", "bv"):
+      leaves.append(jnp.zeros(shape, dtype))
+    else:
+      leaves.append((cfg.initializer_range * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _dot(equation: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+  # Inputs in the compute dtype, fp32 accumulation (fast bf16 path on CPU and exact
+  # accumulation on accelerators), result back in the compute dtype.
+  return jnp.einsum(equation, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  xf = x.astype(jnp.float32)
+  normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (weight.astype(jnp.float32) * normed).astype(x.dtype)
+
+
+def attention_mask(segment_ids: jax.Array, sliding_window: int) -> jax.Array:
+  """[B, 1, S, S] boolean: causal, within the same packed segment, optional window."""
+  s = segment_ids.shape[1]
+  idx = jnp.arange(s)
+  causal = idx[:, None] >= idx[None, :]
+  if sliding_window:
+    causal &= (idx[:, None] - idx[None, :]) < sliding_window
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return (same & causal[None])[:, None]
+
+
+def _layer(cfg: ModelConfig, inv_freq, x, p, positions, mask):
+  dt = DTYPES[cfg.compute_dtype]
+  h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+  q = _dot("bsh,hnd->bsnd", h, p["wq"], dt)
+  k = _dot("bsh,hkd->bskd", h, p["wk"], dt)
+  v = _dot("bsh,hkd->bskd", h, p["wv"], dt)
+  if cfg.attention_bias:
+    q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
+  q = rope.apply_rope(q, positions, inv_freq)
+  k = rope.apply_rope(k, positions, inv_freq)
+  attn = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl or None)
+  x = x + _dot("bsnd,ndh->bsh", attn, p["wo"], dt)
+  x = constrain(x, ("batch", "length", "act_embed"))
+  h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+  gate = _dot("bsh,hf->bsf", h, p["w_gate"], dt)
+  up = _dot("bsh,hf->bsf", h, p["w_up"], dt)
+  x = x + _dot("bsf,fh->bsh", jax.nn.silu(gate) * up, p["w_down"], dt)
+  return constrain(x, ("batch", "length", "act_embed"))
+
+
+def apply_hidden(params: Mapping[str, Any], cfg: ModelConfig, inputs: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array) -> jax.Array:
+  """Final hidden states [B, S, H] (after the final RMSNorm), in the compute dtype."""
+  dt = DTYPES[cfg.compute_dtype]
+  inv_freq = rope.inverse_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
+  # Gather from a table replicated over the vocab axis: a gather from a vocab-sharded
+  # table has no efficient SPMD partitioning (XLA would replicate it anyway, noisily).
+  table = constrain(params["embed"], (None, "act_embed"))
+  x = jnp.take(table, inputs, axis=0).astype(dt)
+  x = constrain(x, ("batch", "length", "act_embed"))
+  mask = attention_mask(segment_ids, cfg.sliding_window)
+
+  def layer(x, p):
+    return _layer(cfg, inv_freq, x, p, positions, mask)
+
+  if cfg.remat == "full":
+    layer = jax.checkpoint(layer)
+  elif cfg.remat == "dots":
+    layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+  if cfg.scan_layers:
+    x, _ = jax.lax.scan(lambda c, p: (layer(c, p), None), x, params["layers"])
+  else:
+    for i in range(cfg.num_layers):
+      x = layer(x, jax.tree.map(lambda a: a[i], params["layers"]))
+  return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+
+
+def head_weight(params: Mapping[str, Any], cfg: ModelConfig) -> jax.Array:
+  """The [H, V] output projection (the embedding transposed when tied)."""
+  return params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+
+
+def apply_logits(params, cfg: ModelConfig, inputs, positions, segment_ids) -> jax.Array:
+  hidden = apply_hidden(params, cfg, inputs, positions, segment_ids)
+  return jnp.einsum("bsh,hv->bsv", hidden, head_weight(params, cfg).astype(hidden.dtype),
+                    preferred_element_type=jnp.float32)
+
+
+class Transformer(nnx.Module):
+  """NNX module owning the params; each `nnx.Param` carries its logical `axes`."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, params: Mapping[str, Any] | None = None):
+    cfg.validate()
+    self.cfg = cfg
+    if params is None:
+      params = init_params(cfg, (rngs or nnx.Rngs(0)).params())
+    axes = logical_axes(cfg)
+    wrap = lambda v, a: nnx.Param(v, axes=a)
+    self.embed = wrap(params["embed"], axes["embed"])
+    self.layers = nnx.Dict({k: wrap(params["layers"][k], axes["layers"][k]) for k in axes["layers"]})
+    self.final_norm = wrap(params["final_norm"], axes["final_norm"])
+    if not cfg.tie_word_embeddings:
+      self.lm_head = wrap(params["lm_head"], axes["lm_head"])
+
+  def param_dict(self) -> dict:
+    return nnx.state(self, nnx.Param).to_pure_dict()
+
+  def hidden_states(self, inputs, positions, segment_ids):
+    return apply_hidden(self.param_dict(), self.cfg, inputs, positions, segment_ids)
+
+  def head_weight(self):
+    return head_weight(self.param_dict(), self.cfg)
+
+  def __call__(self, inputs, positions, segment_ids):
+    return apply_logits(self.param_dict(), self.cfg, inputs, positions, segment_ids)

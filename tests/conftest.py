@@ -1,0 +1,15 @@
+"""Test session set-up: an emulated 8-device CPU mesh (DDK_TEST_NUM_DEVICES overrides).
+
+Set before JAX runs anything, so every test sees the same devices.  Tests that compare
+one device with a mesh take `jax.devices()[:1]` for the single-device side.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests run tiny models: XLA's compile time dominates, and the cheaper CPU backend
+# pipeline halves it without changing what is computed.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", int(os.environ.get("DDK_TEST_NUM_DEVICES", "8")))

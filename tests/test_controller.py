@@ -1,0 +1,402 @@
+"""Tests for the DDK mixture controller (ddk_jax/controller.py).
+
+Expected values are written out by hand from DESIGN.md §1 with numpy in float64,
+independent of the implementation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ddk_jax.controller import (
+    MODES,
+    MixtureController,
+    apply_floor,
+    format_domain_table,
+    global_domain_sums,
+    reduce_domain_losses,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DOMAINS = ["web", "code", "wiki"]
+LT = np.array([2.0, 1.0, 2.5])
+
+
+def _ddk(mode="ddk", **kw):
+  c = MixtureController(DOMAINS, mode, **kw)
+  if c.needs_teacher_eval:
+    c.set_teacher_losses(LT)
+  return c
+
+
+# ----------------------------------------------------------------------------
+# hand-computed values
+# ----------------------------------------------------------------------------
+
+
+def test_first_and_second_ddk_update_match_hand_computation():
+  c = _ddk(alpha=0.5)
+  lS1 = np.array([3.0, 1.5, 3.0])
+  # ratios 3/2, 1.5/1, 3/2.5 = 1.5, 1.5, 1.2
+  e1 = np.array([np.exp(1.5), np.exp(1.5), np.exp(1.2)])
+  softmax1 = e1 / (np.exp(1.5) + np.exp(1.5) + np.exp(1.2))
+  # first update: r_prev uniform => alpha * softmax + (1 - alpha) / N
+  want1 = 0.5 * softmax1 + 0.5 / 3
+  got1 = c.update(0, lS1)
+  np.testing.assert_allclose(got1, want1, rtol=0, atol=1e-15)
+  # written-out decimals as a sanity anchor for the docs example
+  np.testing.assert_allclose(got1, [0.3490939, 0.3490939, 0.3018121], atol=5e-7)
+
+  lS2 = np.array([2.2, 1.5, 3.5])
+  x2 = np.array([2.2 / 2.0, 1.5 / 1.0, 3.5 / 2.5])  # 1.1, 1.5, 1.4
+  psi = want1 * np.exp(x2)
+  want2 = 0.5 * psi / psi.sum() + 0.5 / 3
+  got2 = c.update(1000, lS2)
+  np.testing.assert_allclose(got2, want2, rtol=0, atol=1e-15)
+  np.testing.assert_allclose(got2, [0.3033214, 0.3705316, 0.3261471], atol=5e-7)
+  assert got2.dtype == np.float64
+  assert c.history[1]["ratio"] == pytest.approx(dict(zip(DOMAINS, x2)), abs=1e-15)
+
+
+def test_first_update_prior_is_uniform_not_initial_weights():
+  # initial_weights only govern sampling before the first update; the first
+  # update's smoothing prior is uniform (docs/ddk.md, "The first update").
+  c = _ddk(initial_weights=[0.8, 0.1, 0.1])
+  np.testing.assert_allclose(c.weights, [0.8, 0.1, 0.1])
+  ref = _ddk()
+  lS = [3.0, 1.5, 3.0]
+  np.testing.assert_array_equal(c.update(0, lS), ref.update(0, lS))
+
+
+def test_no_smoothing_equals_raw_softmax_every_interval():
+  c = _ddk("ddk_no_smoothing")
+  # the docs' worked example
+  np.testing.assert_allclose(c.update(0, [3.0, 1.5, 3.0]),
+                             [0.3648546, 0.3648546, 0.2702909], atol=5e-7)
+  np.testing.assert_allclose(c.update(1000, [2.2, 1.5, 3.5]),
+                             [0.2603026, 0.3883258, 0.3513717], atol=5e-7)
+  c = _ddk("ddk_no_smoothing")
+  rng = np.random.default_rng(0)
+  for k in range(5):
+    lS = rng.uniform(0.5, 5.0, size=3)
+    x = lS / LT
+    want = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+    np.testing.assert_allclose(c.update(k * 10, lS), want, rtol=0, atol=1e-15)
+
+
+def test_equal_sampling_stays_uniform_but_records_losses():
+  c = _ddk("ddk_equal_sampling")
+  w = c.update(0, [5.0, 1.0, 2.0])
+  np.testing.assert_array_equal(w, np.full(3, 1 / 3))
+  h = c.history[-1]
+  assert h["student_loss"] == {"web": 5.0, "code": 1.0, "wiki": 2.0}
+  assert h["teacher_loss"] == {"web": 2.0, "code": 1.0, "wiki": 2.5}
+  assert h["ratio"]["web"] == 2.5
+  assert not c.is_dynamic and c.needs_teacher_eval
+
+
+@pytest.mark.parametrize("mode", ["cpt", "kd"])
+def test_static_modes_keep_weights_and_history_is_json(mode):
+  c = MixtureController(DOMAINS, mode, initial_weights={"web": 2, "code": 1, "wiki": 1})
+  if mode == "kd":
+    c.set_teacher_losses(LT)
+  np.testing.assert_allclose(c.weights, [0.5, 0.25, 0.25])
+  w = c.update(0, [3.0, 2.0, 1.0])
+  np.testing.assert_allclose(w, [0.5, 0.25, 0.25])
+  c.update(5, [2.0, 1.0, 0.5])
+  text = json.dumps(c.state_dict(), allow_nan=False)  # no NaN/inf in JSON
+  h = json.loads(text)["history"][0]
+  if mode == "cpt":
+    assert h["teacher_loss"] is None and h["ratio"] is None
+    assert not c.needs_teacher_eval
+  else:
+    assert h["ratio"] == {"web": 1.5, "code": 2.0, "wiki": 0.4}
+  assert not c.is_dynamic
+
+
+def test_modes_properties():
+  assert {m: MixtureController(DOMAINS, m).is_dynamic for m in MODES} == {
+      "cpt": False, "kd": False, "ddk": True, "ddk_no_smoothing": True,
+      "ddk_equal_sampling": False}
+  assert [m for m in MODES if MixtureController(DOMAINS, m).needs_teacher_eval] == [
+      "kd", "ddk", "ddk_no_smoothing", "ddk_equal_sampling"]
+
+
+# ----------------------------------------------------------------------------
+# properties over random inputs
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["ddk", "ddk_no_smoothing"])
+def test_weights_sum_to_one_and_smoothing_lower_bound(mode):
+  rng = np.random.default_rng(1234)
+  for trial in range(20):
+    n = int(rng.integers(2, 10))
+    alpha = float(rng.uniform(0.0, 1.0))
+    names = [f"d{i}" for i in range(n)]
+    c = MixtureController(names, mode, alpha=alpha)
+    c.set_teacher_losses(rng.uniform(0.5, 4.0, size=n))
+    for k in range(10):
+      # include wild ratios (up to ~100) to exercise the max-shift
+      w = c.update(k, rng.uniform(0.0, 60.0, size=n))
+      assert np.all(np.isfinite(w))
+      assert abs(w.sum() - 1.0) < 1e-12
+      if mode == "ddk":
+        assert np.all(w >= (1 - alpha) / n - 1e-15), (trial, k, w)
+
+
+def test_equal_losses_keep_uniform_weights():
+  rng = np.random.default_rng(7)
+  lT = rng.uniform(0.5, 4.0, size=5)
+  for mode in ("ddk", "ddk_no_smoothing"):
+    c = MixtureController([f"d{i}" for i in range(5)], mode, alpha=0.5)
+    c.set_teacher_losses(lT)
+    for k in range(100):
+      w = c.update(k, lT)
+      np.testing.assert_allclose(w, np.full(5, 0.2), rtol=0, atol=1e-14)
+
+
+def test_domain_whose_gap_grows_gains_weight():
+  rng = np.random.default_rng(3)
+  for _ in range(20):
+    n = 4
+    lT = rng.uniform(1.0, 3.0, size=n)
+    lS = lT * rng.uniform(1.0, 1.5, size=n)
+    c = MixtureController([f"d{i}" for i in range(n)], "ddk")
+    c.set_teacher_losses(lT)
+    before = c.update(0, lS)
+    # domain j's gap grows, everything else unchanged
+    j = int(rng.integers(n))
+    lS2 = lS.copy()
+    lS2[j] *= 1.3
+    ref = MixtureController([f"d{i}" for i in range(n)], "ddk")
+    ref.set_teacher_losses(lT)
+    ref.update(0, lS)
+    same = ref.update(1, lS)
+    grown = c.update(1, lS2)
+    assert grown[j] > same[j]
+    # and relative to the previous update it is the domain that gained most
+    assert np.argmax(grown / before) == j
+
+
+def test_floor_respected_and_minimal():
+  rng = np.random.default_rng(11)
+  for _ in range(50):
+    n = int(rng.integers(2, 8))
+    floor = float(rng.uniform(0.0, 1.0 / n))
+    c = MixtureController([f"d{i}" for i in range(n)], "ddk_no_smoothing", floor=floor)
+    c.set_teacher_losses(np.ones(n))
+    lS = rng.uniform(0.0, 30.0, size=n)
+    w = c.update(0, lS)
+    assert abs(w.sum() - 1) < 1e-12
+    assert np.all(w >= floor - 1e-12)
+    raw = np.exp(lS - lS.max()) / np.exp(lS - lS.max()).sum()
+    free = w > floor + 1e-12
+    # unclamped domains keep their relative proportions
+    if free.sum() >= 2:
+      ratios = w[free] / raw[free]
+      np.testing.assert_allclose(ratios, ratios[0], rtol=1e-10)
+
+
+def test_apply_floor_hand_example_and_per_domain_floor():
+  # raw r = [0.9, 0.08, 0.02], floor 0.1: two domains clamped to 0.1, the
+  # remaining 0.8 goes to the first.
+  np.testing.assert_allclose(apply_floor([0.9, 0.08, 0.02], np.full(3, 0.1)),
+                             [0.8, 0.1, 0.1], atol=1e-15)
+  # already above the floor: unchanged
+  np.testing.assert_array_equal(apply_floor([0.5, 0.3, 0.2], np.full(3, 0.1)),
+                                [0.5, 0.3, 0.2])
+  # per-domain floor as a mapping; floors summing to 1 pin the weights
+  c = MixtureController(DOMAINS, "kd", floor={"web": 0.5, "code": 0.25, "wiki": 0.25})
+  np.testing.assert_allclose(c.weights, [0.5, 0.25, 0.25])
+
+
+def test_state_dict_json_round_trip_restores_identical_behaviour():
+  rng = np.random.default_rng(5)
+  a = _ddk(alpha=0.3, floor=0.05)
+  for k in range(3):
+    a.update(k * 100, rng.uniform(1.0, 6.0, size=3))
+  state = json.loads(json.dumps(a.state_dict(), allow_nan=False))
+  b = MixtureController(DOMAINS, "ddk", alpha=0.3, floor=0.05)
+  b.load_state_dict(state)
+  assert b.state_dict() == a.state_dict()
+  np.testing.assert_array_equal(b.weights, a.weights)
+  for k in range(3, 8):
+    lS = rng.uniform(1.0, 6.0, size=3)
+    np.testing.assert_array_equal(a.update(k * 100, lS), b.update(k * 100, lS))
+  assert a.history == b.history
+  # plain python types only
+  s = a.state_dict()
+  assert all(type(v) is float for v in s["weights"] + s["teacher_losses"])
+  assert all(type(v) is float for h in s["history"] for v in h["weights"].values())
+
+
+def test_load_state_dict_refuses_other_experiment():
+  a = _ddk()
+  a.update(0, [1.0, 1.0, 1.0])
+  s = a.state_dict()
+  with pytest.raises(ValueError, match="domains"):
+    MixtureController(["web", "wiki", "code"], "ddk").load_state_dict(s)
+  with pytest.raises(ValueError, match="mode 'ddk_no_smoothing'"):
+    MixtureController(DOMAINS, "ddk_no_smoothing").load_state_dict(s)
+  with pytest.raises(ValueError, match="alpha"):
+    MixtureController(DOMAINS, "ddk", alpha=0.7).load_state_dict(s)
+
+
+# ----------------------------------------------------------------------------
+# bad inputs
+# ----------------------------------------------------------------------------
+
+
+def test_bad_inputs_name_the_domain():
+  c = MixtureController(DOMAINS, "ddk")
+  with pytest.raises(ValueError, match="set_teacher_losses"):
+    c.update(0, [1.0, 1.0, 1.0])
+  with pytest.raises(ValueError, match="'code'.*> 0"):
+    c.set_teacher_losses([1.0, 0.0, 1.0])
+  with pytest.raises(ValueError, match="'wiki'.*non-finite"):
+    c.set_teacher_losses([1.0, 1.0, float("nan")])
+  with pytest.raises(ValueError, match="expected 3 values"):
+    c.set_teacher_losses([1.0, 1.0])
+  c.set_teacher_losses(LT)
+  c.set_teacher_losses(LT.copy())  # identical: fine
+  with pytest.raises(ValueError, match="force=True"):
+    c.set_teacher_losses(LT + 1)
+  c.set_teacher_losses(LT, force=True)
+  with pytest.raises(ValueError, match="'web'.*non-finite"):
+    c.update(0, [float("inf"), 1.0, 1.0])
+  with pytest.raises(ValueError, match="'code'.*negative"):
+    c.update(0, [1.0, -1.0, 1.0])
+  with pytest.raises(ValueError, match=r"missing \['wiki'\]"):
+    c.update(0, {"web": 1.0, "code": 1.0})
+  c.update(0, [1.0, 1.0, 1.0])
+  with pytest.raises(ValueError, match="steps must increase"):
+    c.update(0, [1.0, 1.0, 1.0])
+  with pytest.raises(ValueError, match="floor"):
+    MixtureController(DOMAINS, "ddk", floor=0.4)
+  with pytest.raises(ValueError, match="Unknown mode"):
+    MixtureController(DOMAINS, "doremi")
+  with pytest.raises(ValueError, match="alpha"):
+    MixtureController(DOMAINS, "ddk", alpha=1.5)
+  with pytest.raises(ValueError, match="no teacher"):
+    MixtureController(DOMAINS, "cpt").set_teacher_losses(LT)
+  with pytest.raises(ValueError, match="uniformly by definition"):
+    MixtureController(DOMAINS, "ddk_equal_sampling", initial_weights=[1, 1, 1])
+  with pytest.raises(ValueError, match="'code'"):
+    MixtureController(DOMAINS, "kd", initial_weights=[1, -1, 1])
+
+
+def test_reduce_domain_losses():
+  np.testing.assert_array_equal(reduce_domain_losses([6.0, 3.0], [3, 2]), [2.0, 1.5])
+  with pytest.raises(ValueError, match="'code'.*no target tokens"):
+    reduce_domain_losses([1.0, 0.0], [4, 0], domains=["web", "code"])
+  with pytest.raises(ValueError, match="#1"):
+    reduce_domain_losses([1.0, 0.0], [4, 0])
+  with pytest.raises(ValueError, match="equal"):
+    reduce_domain_losses([1.0, 0.0], [4])
+
+
+def test_global_domain_sums_single_process_is_identity():
+  s, n = global_domain_sums(np.array([1.5, 2.25]), np.array([3, 4]))
+  np.testing.assert_array_equal(s, [1.5, 2.25])
+  np.testing.assert_array_equal(n, [3.0, 4.0])
+  assert s.dtype == np.float64
+
+
+def test_format_table():
+  c = _ddk()
+  c.update(0, [3.0, 1.5, 3.0])
+  t = c.format_table()
+  lines = t.splitlines()
+  assert "lS/lT" in lines[0] and "weight" in lines[0]
+  assert lines[2].split()[0] == "web"
+  assert "1.5000" in lines[2] and "20.09" in lines[2]  # ratio, exp(3)
+  cpt = format_domain_table(["a"], [1.0], None, [1.0])
+  assert cpt.splitlines()[2].split() == ["a", "1.0000", "-", "-", "2.72", "-", "1.0000"]
+
+
+# ----------------------------------------------------------------------------
+# two processes: identical weights on both hosts
+# ----------------------------------------------------------------------------
+
+_WORKER = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import jax
+    pid, port = int(sys.argv[1]), sys.argv[2]
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
+                               num_processes=2, process_id=pid)
+    from ddk_jax.controller import (MixtureController, global_domain_sums,
+                                    reduce_domain_losses)
+    local = json.loads(sys.argv[3])
+    sums, counts = global_domain_sums(np.array(local["sums"][pid]),
+                                      np.array(local["counts"][pid]))
+    c = MixtureController(local["domains"], "ddk", alpha=0.5)
+    c.set_teacher_losses(local["lT"])
+    w = c.update(0, reduce_domain_losses(sums, counts, local["domains"]))
+    print("RESULT " + json.dumps({"weights": [repr(float(v)) for v in w],
+                                  "sums": [repr(float(v)) for v in sums]}), flush=True)
+    jax.distributed.shutdown()
+""")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("local_devices", [1, 2])
+def test_two_processes_compute_identical_weights(local_devices):
+  domains = ["web", "code", "wiki", "books"]
+  # values whose float32 rounding would be visible, to check exact transport
+  sums = [[1234.5678901234567, 88.1, 0.3, 7.7], [99.99999999999, 11.2, 1e-3, 2.5]]
+  counts = [[700, 40, 2, 5], [61, 9, 1, 3]]
+  lT = [1.9, 1.1, 0.2, 1.0]
+  payload = json.dumps({"domains": domains, "sums": sums, "counts": counts, "lT": lT})
+  port = str(_free_port())
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  # TPU hosts have several local devices: cover 1 and 2 per process.
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
+  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), port, payload],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  deadline = time.monotonic() + 120
+  outs = []
+  try:
+    for p in procs:
+      out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+      outs.append(out)
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    pytest.fail("two-process global_domain_sums test hung (> 120 s)")
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  results = []
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out
+    line = [l for l in out.splitlines() if l.startswith("RESULT ")]
+    assert line, out
+    results.append(json.loads(line[-1][len("RESULT "):]))
+  assert results[0] == results[1]
+  # single-process reference on the summed arrays (process 0 + process 1, in order)
+  total_s = np.array(sums[0], np.float64) + np.array(sums[1], np.float64)
+  total_c = np.array(counts[0], np.float64) + np.array(counts[1], np.float64)
+  assert results[0]["sums"] == [repr(float(v)) for v in total_s]
+  c = MixtureController(domains, "ddk", alpha=0.5)
+  c.set_teacher_losses(lT)
+  want = c.update(0, reduce_domain_losses(total_s, total_c, domains))
+  assert results[0]["weights"] == [repr(float(v)) for v in want]
