@@ -37,10 +37,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.source = "random"
   c.teacher.path = ""
   c.teacher.model = model_section(param_dtype="bfloat16", compute_dtype="bfloat16")
+  # source='workdir' with pretrain_steps > 0: first pre-train this model from scratch
+  # (mode cpt, this run's data) into `path` (relative: inside the workdir). The demo uses it.
+  c.teacher.pretrain_steps = 0
+  c.teacher.pretrain_learning_rate = 1e-3
   c.student = ml_collections.ConfigDict()
   c.student.source = "random"
   c.student.path = ""
   c.student.model = model_section()
+  c.student.pretrain_steps = 0
+  c.student.pretrain_learning_rate = 1e-3
 
   c.data = default_data_config()
 
@@ -74,8 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.ddk.alpha = 0.5  # factor-smoothing weight
   c.ddk.floor = 0.0  # minimum weight per domain
   c.ddk.update_at_start = True  # first update at step 0 from the measured gap
-  # static proportions for kd/cpt (and ddk before its first update); empty = uniform
-  c.ddk.initial_weights = ml_collections.FieldReference([], field_type=list)
+  # The static mixture of kd/cpt (and ddk before its first update) is data.domains[i].weight.
   c.ddk.eval_batch_size = 8  # validation rows per eval batch (global)
 
   c.eval = ml_collections.ConfigDict()

@@ -97,11 +97,11 @@ def validate_config(cfg: Any, num_devices: int) -> None:
   if cfg.ddk.eval_batch_size % dp:
     raise ConfigError(f"ddk.eval_batch_size={cfg.ddk.eval_batch_size} is not divisible by the data-parallel "
                       f"size {dp}; use a multiple of {dp}.")
-  weights = list(cfg.ddk.initial_weights)
-  if weights:
-    n = len(cfg.data.domains)
-    if len(weights) != n:
-      raise ConfigError(f"ddk.initial_weights has {len(weights)} entries but data.domains has {n}; "
-                        "give one weight per domain (or [] for uniform).")
-    if any(not (float(w) >= 0) for w in weights) or not sum(float(w) for w in weights) > 0:
-      raise ConfigError(f"ddk.initial_weights={weights}: weights must be finite, >= 0 and not all zero.")
+  if float(cfg.ddk.floor) < 0 or float(cfg.ddk.floor) * max(len(cfg.data.domains), 1) > 1:
+    raise ConfigError(f"ddk.floor={cfg.ddk.floor!r}: must be >= 0 and floor * number of domains <= 1.")
+  for which in ("teacher", "student"):
+    if int(cfg[which].pretrain_steps) < 0:
+      raise ConfigError(f"{which}.pretrain_steps={cfg[which].pretrain_steps!r}: must be >= 0.")
+    if int(cfg[which].pretrain_steps) > 0 and cfg[which].source != "workdir":
+      raise ConfigError(f"{which}.pretrain_steps={cfg[which].pretrain_steps} needs {which}.source='workdir' "
+                        f"(the pre-trained model is written to and read from {which}.path).")

@@ -1,0 +1,70 @@
+"""Pre-training a model from scratch when a config asks for it (`<model>.pretrain_steps`).
+
+With `source='workdir'` and `pretrain_steps > 0`, the model is first trained with plain
+CE (mode `cpt`, the run's own data, uniform mixture) into `path` (relative paths live
+inside the run's workdir), and then used from there.  The demo gets its teacher (and its
+student base) this way; a finished pre-training is reused, an interrupted one resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ml_collections
+
+_log = logging.getLogger("ddk_jax")
+
+
+def resolve_model_path(cfg: ml_collections.ConfigDict, which: str, workdir: str) -> None:
+  section = cfg[which]
+  if section.source == "workdir" and section.path and not os.path.isabs(section.path) \
+      and not section.path.startswith("gs://"):
+    with cfg.unlocked():
+      section.path = os.path.join(os.path.abspath(workdir), section.path)
+
+
+def _pretrain_config(cfg: ml_collections.ConfigDict, which: str) -> ml_collections.ConfigDict:
+  section = cfg[which]
+  pre = ml_collections.ConfigDict(cfg.to_dict())
+  pre.mode = "cpt"
+  pre.steps = int(section.pretrain_steps)
+  pre.student.source = "random"
+  pre.student.path = ""
+  pre.student.pretrain_steps = 0
+  pre.student.model = ml_collections.ConfigDict(section.model.to_dict())
+  pre.student.model.param_dtype = "float32"  # train in fp32; the user of it may cast
+  pre.teacher.source = "random"
+  pre.teacher.path = ""
+  pre.teacher.pretrain_steps = 0
+  pre.optimizer.learning_rate = float(section.pretrain_learning_rate)
+  pre.optimizer.warmup_steps = min(int(cfg.optimizer.warmup_steps), max(pre.steps // 10, 1))
+  pre.optimizer.schedule = "cosine"
+  pre.seed = int(cfg.seed) + (101 if which == "teacher" else 202)
+  pre.checkpoint.every = max(pre.steps // 4, 1)
+  pre.ddk.interval = pre.steps
+  pre.ddk.update_at_start = False
+  pre.data.domains = [dict(d, weight=1.0) for d in pre.data.domains]
+  return pre
+
+
+def prepare_teacher(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+  """Resolves relative model paths and runs any requested pre-training (teacher first)."""
+  from ddk_jax import trainer
+
+  for which in ("teacher", "student"):
+    if which == "teacher" and cfg.mode == "cpt":
+      continue
+    resolve_model_path(cfg, which, workdir)
+    section = cfg[which]
+    if section.source != "workdir" or int(section.pretrain_steps) <= 0:
+      continue
+    summary_path = os.path.join(section.path, "summary.json")
+    if os.path.exists(summary_path):
+      _log.info("%s: using the pre-trained model in %s", which, section.path)
+      continue
+    _log.info("%s: pre-training %d steps (mode cpt) into %s", which, int(section.pretrain_steps), section.path)
+    result = trainer.train(_pretrain_config(cfg, which), section.path)
+    if result["status"] != "done":
+      raise trainer.TrainingError(f"pre-training of the {which} stopped at step {result['step']} "
+                                  f"({result['status']}); rerun the same command to resume it.")

@@ -1,0 +1,344 @@
+"""The training loop: data, models, DDK updates, logging, checkpoints, report.
+
+Order of one run:
+  1. check the config; prepare data (cached); build the mesh, models and jitted steps;
+  2. restore the latest checkpoint of the workdir if there is one;
+  3. teacher per-domain validation CE, once (cached in the controller / checkpoint);
+  4. loop: every K steps (and at step 0) evaluate the student per domain, update the
+     DDK weights and hand them to the mixture; one train step per batch; log; save;
+  5. final eval, checkpoint, plots and report.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ddk_jax import checkpointing, config_validation, flops, reporting, sharding
+from ddk_jax import model as model_lib
+from ddk_jax import optim, train_step as ts
+from ddk_jax.controller import MixtureController, reduce_domain_losses
+from ddk_jax.model import ModelConfig
+
+_log = logging.getLogger("ddk_jax")
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot go on; the message says why and what to do."""
+
+
+@dataclasses.dataclass
+class Models:
+  student_cfg: ModelConfig
+  teacher_cfg: ModelConfig | None
+  student_params: Any
+  teacher_params: Any
+
+
+def _run_time_overrides(section: Any) -> dict:
+  """Fields of a model section that describe how to run it, not its shape."""
+  keys = ("param_dtype", "compute_dtype", "remat", "scan_layers", "attention_impl")
+  return {k: section.model[k] for k in keys}
+
+
+def _load_model(cfg: ml_collections.ConfigDict, which: str, mesh, rules, seed: int):
+  section = cfg[which]
+  if section.source == "random":
+    mcfg = config_validation.model_config(cfg, which)
+    sh = ts.params_shardings(mcfg, mesh, rules)
+    return mcfg, ts.init_params_sharded(mcfg, jax.random.key(seed), sh)
+  if section.source == "hf":
+    from ddk_jax import hf
+    params, mcfg = hf.load_hf_checkpoint(section.path, mesh=mesh, rules=rules,
+                                         config_overrides=_run_time_overrides(section))
+    return mcfg, params
+  if section.source == "workdir":
+    return restore_student_params(section.path, mesh, rules, overrides=_run_time_overrides(section))
+  raise TrainingError(f"{which}.source={section.source!r} is not supported")
+
+
+def restore_student_params(workdir: str, mesh, rules, overrides: dict | None = None,
+                           step: int | None = None) -> tuple[ModelConfig, Any]:
+  """The student params of a finished (or running) ddk_jax run, e.g. as a teacher."""
+  manager = checkpointing.make_manager(workdir, ml_collections.ConfigDict(
+      {"keep": 1000, "keep_period": 0, "async_save": False}))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise TrainingError(f"{workdir} has no checkpoint to take a model from; train it first "
+                        f"(python -m ddk_jax.main --workdir={workdir} ...) or point at another workdir.")
+  meta = checkpointing.restore_meta(manager, step)
+  saved = dict(meta["config"]["student"]["model"])
+  mcfg = ModelConfig.from_dict(saved)
+  stored_dtype = mcfg.param_dtype
+  if overrides:
+    mcfg = dataclasses.replace(mcfg, **{k: v for k, v in overrides.items() if k != "param_dtype"})
+  sh = ts.params_shardings(mcfg, mesh, rules)
+  shapes, _ = model_lib.param_shapes_and_axes(mcfg)
+  abstract = jax.tree.map(lambda s, shd: jax.ShapeDtypeStruct(s, model_lib.DTYPES[stored_dtype], sharding=shd),
+                          shapes, sh, is_leaf=lambda x: isinstance(x, tuple))
+  # Restore only the params subtree: the optimizer state is never read.
+  restored = manager.restore(step, args=checkpointing.ocp.args.Composite(
+      state=checkpointing.ocp.args.PyTreeRestore(
+          item={"params": abstract},
+          restore_args=jax.tree.map(lambda a: checkpointing.ocp.ArrayRestoreArgs(sharding=a.sharding), {"params": abstract}),
+          partial_restore=True)))
+  params = restored["state"]["params"]
+  if overrides and overrides.get("param_dtype") and overrides["param_dtype"] != stored_dtype:
+    dt = model_lib.DTYPES[overrides["param_dtype"]]
+    params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dt), p), out_shardings=sh)(params)
+    mcfg = dataclasses.replace(mcfg, param_dtype=overrides["param_dtype"])
+  manager.close()
+  return mcfg, params
+
+
+def resolved_config_dict(cfg: ml_collections.ConfigDict) -> dict:
+  return json.loads(cfg.to_json_best_effort())
+
+
+class _Preemption:
+  """Turns SIGTERM (what a TPU preemption sends) into a flag the loop checks."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      self.requested = True
+      _log.warning("SIGTERM received: saving a checkpoint after the current step, then exiting.")
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. in a notebook worker): no handler
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise TrainingError(f"workdir {workdir!r} is not writable ({e.strerror}); pass --workdir= a directory "
+                        "you can write to.") from None
+
+
+def evaluate(eval_fn, params, validation, mesh, rules, names) -> tuple[np.ndarray, np.ndarray]:
+  """Per-domain mean validation CE (and token counts) over all hosts."""
+  sums = np.zeros(len(names))
+  counts = np.zeros(len(names))
+  for name in names:
+    for batch in validation[name]():
+      s, c = eval_fn(params, sharding.host_batch_to_global(batch, mesh, rules))
+      # The eval step's outputs are global sums over the global batch (replicated).
+      sums += np.asarray(jax.device_get(s), np.float64)
+      counts += np.asarray(jax.device_get(c), np.float64)
+  return reduce_domain_losses(sums, counts, names), counts
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict:
+  """Runs (or resumes) the experiment in `workdir`; returns a summary dict."""
+  from ddk_jax import data as data_lib
+
+  t_start = time.time()
+  workdir = os.path.abspath(workdir)
+  is_main = jax.process_index() == 0
+  config_validation.validate_config(cfg, jax.device_count())
+  _check_workdir(workdir)
+  mode = cfg.mode
+
+  # ---- data -------------------------------------------------------------------------
+  if cfg.data.get("demo_corpus_dir"):
+    data_lib.ensure_demo_corpus(cfg.data.demo_corpus_dir, log=_log.info)
+  tokenizer = data_lib.load_tokenizer_from_config(cfg.data)
+  manifest = data_lib.ensure_prepared(cfg.data, progress=is_main)
+  names = data_lib.domain_names(cfg.data)
+  num_domains = len(names)
+
+  # ---- mesh and models ----------------------------------------------------------------
+  mesh = sharding.make_mesh(cfg.mesh)
+  rules = sharding.rules_from_config(cfg.mesh.rules)
+  _log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
+  student_cfg, student_params = _load_model(cfg, "student", mesh, rules, cfg.seed)
+  data_lib.check_vocab_fits(tokenizer, student_cfg.vocab_size, "student")
+  teacher_cfg = teacher_params = None
+  if mode != "cpt":
+    teacher_cfg, teacher_params = _load_model(cfg, "teacher", mesh, rules, cfg.seed + 1)
+    if teacher_cfg.vocab_size != student_cfg.vocab_size:
+      raise TrainingError(
+          f"teacher vocab_size={teacher_cfg.vocab_size} != student vocab_size={student_cfg.vocab_size}: logit KD "
+          "needs one shared vocabulary; choose a teacher/student pair with the same tokenizer.")
+  _log.info("student %.1fM params, teacher %s", student_cfg.num_params() / 1e6,
+            f"{teacher_cfg.num_params() / 1e6:.1f}M params" if teacher_cfg else "none (cpt)")
+
+  # ---- steps ----------------------------------------------------------------------------
+  opts = ts.StepOptions(num_domains=num_domains, mode=mode, gamma=float(cfg.loss.gamma),
+                        temperature=float(cfg.loss.temperature), grad_accum=int(cfg.optimizer.grad_accum),
+                        loss_impl=cfg.loss.impl, loss_chunk_size=int(cfg.loss.chunk_size))
+  optimizer = optim.make_optimizer(cfg.optimizer, int(cfg.steps))
+  s_sh = ts.params_shardings(student_cfg, mesh, rules)
+  t_sh = ts.params_shardings(teacher_cfg, mesh, rules) if teacher_cfg else None
+  state_sh = ts.state_shardings(s_sh, optimizer, student_params, mesh)
+  state = jax.jit(lambda p: ts.init_train_state(p, optimizer), out_shardings=state_sh)(student_params)
+  del student_params
+  train_step = ts.jit_train_step(ts.make_train_step(student_cfg, teacher_cfg, optimizer, opts), state_sh, t_sh,
+                                 mesh, rules)
+  eval_opts = dataclasses.replace(opts, mode="cpt")
+  eval_student = ts.jit_eval_step(ts.make_eval_step(student_cfg, eval_opts), s_sh, mesh, rules)
+  eval_teacher = ts.jit_eval_step(ts.make_eval_step(teacher_cfg, eval_opts), t_sh, mesh, rules) if teacher_cfg else None
+
+  per_process_batch = int(cfg.global_batch_size) // jax.process_count()
+  data_iter = data_lib.build_train_iterator(cfg.data, manifest=manifest, tokenizer=tokenizer)
+  eval_rows = int(cfg.ddk.eval_batch_size) // jax.process_count()
+  validation = data_lib.build_validation(cfg.data, batch_size=eval_rows, manifest=manifest, tokenizer=tokenizer)
+
+  controller = MixtureController(names, mode, alpha=float(cfg.ddk.alpha), floor=float(cfg.ddk.floor),
+                                 initial_weights=None if mode == "ddk_equal_sampling" else data_lib.initial_weights(cfg.data))
+
+  # ---- resume -----------------------------------------------------------------------------
+  manager = checkpointing.make_manager(workdir, cfg.checkpoint)
+  config_dict = resolved_config_dict(cfg)
+  start_step = 0
+  log_state: dict[str, Any] = {"eval_seconds": 0.0, "train_seconds": 0.0, "initial_student_losses": None}
+  latest = manager.latest_step()
+  if latest is not None:
+    meta = checkpointing.restore_meta(manager, latest)
+    changed = checkpointing.config_changes(meta["config"], config_dict)
+    if changed and not allow_config_change:
+      raise TrainingError(
+          f"the config differs from the one {workdir} was started with, in keys {changed}; changing them mid-run "
+          "would silently change the experiment. Use the original values, a new --workdir, or pass "
+          "--allow_config_change to accept the change.")
+    abstract = checkpointing.abstract_with_shardings(state, state_sh)
+    state, meta = checkpointing.restore(manager, latest, abstract, data_iter)
+    controller.load_state_dict(meta["controller"])
+    log_state.update(meta.get("log_state", {}))
+    start_step = int(jax.device_get(state["step"]))
+    data_iter.set_weights(controller.weights.tolist())
+    _log.info("resumed from %s at step %d", manager.directory, start_step)
+
+  writer = reporting.MetricsWriter(workdir, enabled=is_main, tensorboard=bool(cfg.logging.tensorboard))
+  flops_per_step = flops.kd_step_flops(student_cfg, teacher_cfg, int(cfg.global_batch_size) * int(cfg.data.seq_len),
+                                       int(cfg.data.seq_len))
+  peak, peak_source = flops.peak_flops_per_device(student_cfg.compute_dtype)
+  peak_total = peak * jax.device_count()
+  _log.info("MFU denominator: %.1f TFLOP/s over %d devices (%s)", peak_total / 1e12, jax.device_count(), peak_source)
+
+  def run_eval(step: int, params) -> np.ndarray:
+    t = time.time()
+    losses, _ = evaluate(eval_student, params, validation, mesh, rules, names)
+    log_state["eval_seconds"] += time.time() - t
+    writer.write(step, {f"val/{n}/ce": float(l) for n, l in zip(names, losses)}
+                 | {f"val/{n}/ppl": float(np.exp(l)) for n, l in zip(names, losses)}, kind="eval")
+    return losses
+
+  # The teacher is frozen: its validation losses are computed once and kept in the controller.
+  if mode != "cpt" and controller.teacher_losses is None:
+    t = time.time()
+    lt, _ = evaluate(eval_teacher, teacher_params, validation, mesh, rules, names)
+    log_state["eval_seconds"] += time.time() - t
+    controller.set_teacher_losses(lt)
+    writer.write(start_step, {f"val_teacher/{n}/ce": float(l) for n, l in zip(names, lt)}, kind="teacher_eval")
+    _log.info("teacher validation CE: %s", dict(zip(names, np.round(lt, 4).tolist())))
+
+  def save(step: int, force: bool = False) -> None:
+    meta = {"controller": controller.state_dict(), "config": config_dict, "log_state": log_state}
+    checkpointing.save(manager, step, state, data_iter, meta, force=force)
+
+  def ddk_update(step: int) -> None:
+    ls = run_eval(step, state["params"])
+    if log_state["initial_student_losses"] is None:
+      log_state["initial_student_losses"] = [float(x) for x in ls]
+    weights = controller.update(step, ls)
+    data_iter.set_weights(weights.tolist())
+    writer.write(step, {f"weights/{n}": float(w) for n, w in zip(names, weights)}, kind="weights")
+    if is_main:
+      _log.info("DDK update at step %d\n%s", step, controller.format_table())
+
+  interval = int(cfg.ddk.interval)
+  total_steps = int(cfg.steps)
+  needs_update_at = lambda step: (
+      step % interval == 0 and (step > 0 or bool(cfg.ddk.update_at_start))
+      and (not controller.history or controller.history[-1]["step"] < step))
+
+  progress = reporting.Progress(total_steps, start_step, enabled=is_main and bool(cfg.logging.progress_bar))
+  pending: list = []  # metrics of dispatched steps, read one step late so the host never stalls the device
+  tokens_since = 0
+  t_window = time.time()
+  step = start_step
+  with _Preemption() as preemption:
+    while step < total_steps:
+      if needs_update_at(step):
+        ddk_update(step)
+      batch = data_iter.next_batch(per_process_batch)
+      domains_in_batch = np.bincount(batch["domain_id"], minlength=num_domains)
+      t = time.time()
+      state, metrics = train_step(state, teacher_params, sharding.host_batch_to_global(batch, mesh, rules))
+      pending.append((step, metrics, domains_in_batch))
+      step += 1
+      if len(pending) > 1 or step == total_steps:
+        while pending:
+          s, m, doms = pending.pop(0)
+          m = jax.device_get(m)
+          tokens_since += float(m["tokens"])
+          if not bool(m["finite"]):
+            _log.warning("step %d: non-finite loss or gradient, update skipped (batch domains %s)", s,
+                         {n: int(c) for n, c in zip(names, doms) if c})
+          if (s + 1) % int(cfg.logging.every) == 0 or s + 1 == total_steps:
+            elapsed = time.time() - t_window
+            tok_s = tokens_since / max(elapsed, 1e-9)
+            mfu = flops_per_step / int(cfg.global_batch_size) / int(cfg.data.seq_len) * tok_s / peak_total
+            row = {"loss": float(m["loss"]), "ce": float(m["ce"]), "kl": float(m["kl"]),
+                   "grad_norm": float(m["grad_norm"]), "tokens_per_s": tok_s, "mfu": mfu,
+                   "skipped_steps": int(jax.device_get(state["skipped_steps"])) if s + 1 == step else None}
+            writer.write(s + 1, {k: v for k, v in row.items() if v is not None}, kind="train")
+            progress.update(s + 1, loss=row["loss"], tok_s=tok_s, mfu=mfu)
+            tokens_since, t_window = 0, time.time()
+      log_state["train_seconds"] += time.time() - t
+      if cfg.eval.every and step % int(cfg.eval.every) == 0 and step % interval:
+        run_eval(step, state["params"])
+      if step % int(cfg.checkpoint.every) == 0 and step < total_steps:
+        save(step)
+      if preemption.requested:
+        save(step, force=True)
+        manager.wait_until_finished()
+        _log.warning("checkpoint of step %d saved after SIGTERM; exiting. Rerun the same command to resume.", step)
+        progress.close()
+        writer.close()
+        return {"status": "preempted", "step": step}
+  progress.close()
+
+  final_losses = run_eval(total_steps, state["params"])
+  if manager.latest_step() != total_steps:
+    save(total_steps, force=True)
+  manager.wait_until_finished()
+  summary = {
+      "status": "done", "step": total_steps, "mode": mode, "domains": names,
+      "student_initial": log_state["initial_student_losses"],
+      "student_final": [float(x) for x in final_losses],
+      "teacher": None if controller.teacher_losses is None else [float(x) for x in controller.teacher_losses],
+      "weights": controller.weights.tolist(),
+      "eval_seconds": log_state["eval_seconds"],
+      "wall_seconds": time.time() - t_start,
+  }
+  if is_main:
+    reporting.write_report(workdir, summary, controller.history, cfg)
+  writer.close()
+  manager.close()
+  return summary
