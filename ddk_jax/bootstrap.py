@@ -48,14 +48,23 @@ def _pretrain_config(cfg: ml_collections.ConfigDict, which: str) -> ml_collectio
   return pre
 
 
-def prepare_teacher(cfg: ml_collections.ConfigDict, workdir: str) -> None:
-  """Resolves relative model paths and runs any requested pre-training (teacher first)."""
+def prepare_models(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+  """Resolves paths, checks HF checkpoints exist, runs requested pre-training (teacher first).
+
+  Called before training so that a missing checkpoint file fails in the first seconds.
+  """
   from ddk_jax import trainer
 
-  for which in ("teacher", "student"):
-    if which == "teacher" and cfg.mode == "cpt":
-      continue
+  models = ("student",) if cfg.mode == "cpt" else ("teacher", "student")
+  for which in models:
     resolve_model_path(cfg, which, workdir)
+    if cfg[which].source == "hf":
+      from ddk_jax import hf
+      hf.validate_checkpoint_dir(cfg[which].path)
+  if not cfg.data.tokenizer and cfg.student.source == "hf":
+    with cfg.unlocked():
+      cfg.data.tokenizer = cfg.student.path  # HF checkpoints ship their tokenizer
+  for which in models:
     section = cfg[which]
     if section.source != "workdir" or int(section.pretrain_steps) <= 0:
       continue

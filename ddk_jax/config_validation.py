@@ -74,11 +74,11 @@ def validate_config(cfg: Any, num_devices: int) -> None:
   if cfg.mode != "cpt":
     teacher = model_config(cfg, "teacher")
     # With HF sources the shapes come from config.json and are re-checked after loading.
-    if teacher.vocab_size != student.vocab_size:
+    if teacher.vocab_size < student.vocab_size:
       raise ConfigError(
-          f"teacher.model.vocab_size={teacher.vocab_size} != student.model.vocab_size={student.vocab_size}: "
-          "logit distillation needs one shared tokenizer and vocabulary; pick a teacher/student pair that "
-          "share a tokenizer (or use mode=cpt, which has no teacher).")
+          f"teacher.model.vocab_size={teacher.vocab_size} < student.model.vocab_size={student.vocab_size}: "
+          "logit distillation needs one shared tokenizer, and the teacher must cover the student's vocabulary "
+          "(a teacher padded to a larger vocab is fine); pick a pair that shares a tokenizer, or use mode=cpt.")
 
   try:
     mesh_sizes = sharding.resolve_mesh_shape(cfg.mesh, num_devices)

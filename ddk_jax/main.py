@@ -27,7 +27,7 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "Resume even if keys that change the experiment (shapes, data, optimizer...) differ from the checkpoint's.")
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                       stream=sys.stderr, force=True)
   for noisy in ("absl", "jax._src", "orbax", "grain"):
@@ -37,7 +37,7 @@ def _setup_logging() -> None:
 def _main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; config overrides are written --config.<key>=<value>.")
-  _setup_logging()
+  setup_logging()
   from ddk_jax import sharding
   sharding.maybe_initialize_distributed()
   from ddk_jax import bootstrap, config_validation, trainer
@@ -47,7 +47,7 @@ def _main(argv) -> None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
   workdir = _WORKDIR.value or os.path.join("runs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
   try:
-    bootstrap.prepare_teacher(cfg, workdir)
+    bootstrap.prepare_models(cfg, workdir)
     summary = trainer.train(cfg, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except (config_validation.ConfigError, trainer.TrainingError, ValueError, FileNotFoundError) as e:
     logging.getLogger("ddk_jax").error("%s", e)

@@ -84,7 +84,10 @@ def make_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
     if use_teacher:
       t_hidden = model_lib.apply_hidden(teacher_params, teacher_cfg, mb["inputs"], mb["positions"], mb["segment_ids"])
       t_hidden = jax.lax.stop_gradient(t_hidden)
-      t_head = jax.lax.stop_gradient(model_lib.head_weight(teacher_params, teacher_cfg))
+      t_head = model_lib.head_weight(teacher_params, teacher_cfg)
+      # A teacher may pad its vocab beyond the shared tokenizer (Qwen1.5-14B: 152064 vs
+      # 1.8B: 151936); ids past the student's vocab are never targets, so they are dropped.
+      t_head = jax.lax.stop_gradient(t_head[:, :student_cfg.vocab_size])
     else:
       t_hidden = t_head = None
 

@@ -180,10 +180,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
   teacher_cfg = teacher_params = None
   if mode != "cpt":
     teacher_cfg, teacher_params = _load_model(cfg, "teacher", mesh, rules, cfg.seed + 1)
-    if teacher_cfg.vocab_size != student_cfg.vocab_size:
+    if teacher_cfg.vocab_size < student_cfg.vocab_size:
       raise TrainingError(
-          f"teacher vocab_size={teacher_cfg.vocab_size} != student vocab_size={student_cfg.vocab_size}: logit KD "
-          "needs one shared vocabulary; choose a teacher/student pair with the same tokenizer.")
+          f"teacher vocab_size={teacher_cfg.vocab_size} < student vocab_size={student_cfg.vocab_size}: logit KD "
+          "needs one shared tokenizer whose ids both models cover; choose a teacher/student pair with the same "
+          "tokenizer.")
   _log.info("student %.1fM params, teacher %s", student_cfg.num_params() / 1e6,
             f"{teacher_cfg.num_params() / 1e6:.1f}M params" if teacher_cfg else "none (cpt)")
 
