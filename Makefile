@@ -9,7 +9,6 @@ PIP = $(VENV)/bin/python -m pip
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip
 
 install: $(VENV)/bin/python
 	$(PIP) install -e .

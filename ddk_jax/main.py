@@ -47,6 +47,8 @@ def _main(argv) -> None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
   workdir = _WORKDIR.value or os.path.join("runs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
   try:
+    import jax
+    config_validation.validate_config(cfg, jax.device_count())  # before any work is done
     bootstrap.prepare_models(cfg, workdir)
     summary = trainer.train(cfg, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except (config_validation.ConfigError, trainer.TrainingError, ValueError, FileNotFoundError) as e:
