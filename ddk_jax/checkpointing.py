@@ -1,70 +1,209 @@
 """One orbax checkpoint step holds everything a run needs to continue exactly.
 
-Items of a step: `state` (student params, optimizer state, step, skip counter),
-`data` (every host's mixture iterator state, grain's handler: one JSON file per
-process), `meta` (DDK controller state: current r, cached teacher losses, history;
-the resolved config; the format version).
+Items of a step (directory `<workdir>/checkpoints/<step>/`):
+
+* `state`: student params, optimizer state, `step`, `skipped_steps` (orbax StandardSave,
+  sharded arrays; each host writes its own shards).
+* `data`: every host's mixture iterator state (grain's handler, one JSON file per process:
+  draw counter, current weights, each domain's reader/packer position).
+* `meta`: JSON with the DDK controller state (current r, cached teacher losses, history),
+  the resolved config, `log_state` (timers, initial/final losses, the length of
+  metrics.jsonl at save time), `runtime` (process/device count, resolved mesh), `rng`
+  (what randomness the run has and where its state lives) and `format_version`.
+
+Saves are atomic (orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it after writing
+`commit_success.txt`); a failed save never deletes or overwrites an older step (old steps
+are garbage-collected only after a new one has committed).  At start, a step directory
+without the commit marker (e.g. an interrupted copy) is moved aside with a warning, and a
+step that cannot be restored falls back to the previous good one.  See docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 FORMAT_VERSION = 1
-# Keys that may change between a run and its resume without changing what is computed.
-RESUMABLE_CHANGES = ("steps", "logging.", "eval.", "checkpoint.")
+COMMIT_MARKER = "commit_success.txt"  # written by orbax just before the atomic rename
+ITEMS = ("state", "data", "meta")
+# Keys that may change between a run and its resume without changing what is computed
+# up to the restored step (a prefix ends with '.').  `steps` stretches a cosine schedule
+# from the restored step on; that is the point of changing it, and it is logged.
+RESUMABLE_CHANGES = ("steps", "logging.", "eval.", "checkpoint.", "optimizer.max_consecutive_skips")
 
-_log = logging.getLogger(__name__)
+_log = logging.getLogger("ddk_jax")
 
 
 class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be used; the message says why and what to do."""
+  """A checkpoint that cannot be written or used; the message says why and what to do."""
 
 
-def make_manager(workdir: str, ckpt_cfg: Any) -> ocp.CheckpointManager:
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+class IncompatibleCheckpointError(CheckpointError):
+  """A checkpoint written by an incompatible ddk_jax (format version)."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def make_manager(workdir: str, ckpt_cfg: Any, *, owner: bool = False, read_only: bool = False
+                 ) -> ocp.CheckpointManager:
+  """The orbax manager of `<workdir>/checkpoints`: keeps the last `keep` steps plus every
+  `keep_period`-th; async saves if `async_save`.  With `owner` (the training run itself),
+  leftovers of interrupted saves (`*.orbax-checkpoint-tmp-*`) are removed when it starts;
+  readers (export, a teacher taken from a run) never touch them."""
+  directory = checkpoint_dir(workdir)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=int(ckpt_cfg.keep),
       keep_period=int(ckpt_cfg.keep_period) or None,
-      create=True,
+      create=not read_only,
+      read_only=read_only,
+      cleanup_tmp_directories=owner and not read_only,
       enable_async_checkpointing=bool(ckpt_cfg.async_save),
   )
   return ocp.CheckpointManager(directory, options=options)
 
 
+# ---- finding usable steps ----------------------------------------------------------------
+
+
+def scan_steps(directory: str) -> tuple[list[int], list[tuple[int, str]]]:
+  """(committed steps, [(step, why unusable)]) among the step directories, both sorted.
+
+  A step counts as committed when its directory has orbax's commit marker and all items.
+  """
+  good, bad = [], []
+  if not os.path.isdir(directory):
+    return good, bad
+  for name in os.listdir(directory):
+    path = os.path.join(directory, name)
+    if not (name.isdigit() and os.path.isdir(path)):
+      continue
+    step = int(name)
+    if not os.path.exists(os.path.join(path, COMMIT_MARKER)):
+      bad.append((step, f"no {COMMIT_MARKER} (the save or a copy of it never completed)"))
+      continue
+    missing = [item for item in ITEMS if not os.path.isdir(os.path.join(path, item))]
+    if missing:
+      bad.append((step, f"items {missing} are missing"))
+      continue
+    good.append(step)
+  return sorted(good), sorted(bad)
+
+
+def latest_good_step(workdir: str) -> int | None:
+  good, _ = scan_steps(checkpoint_dir(workdir))
+  return good[-1] if good else None
+
+
+def move_aside(directory: str, step: int, why: str) -> str:
+  """Renames step directory `<step>` to `<step>.unusable-<time>` (never deletes it).
+
+  Orbax only recognises all-digit names, so the renamed directory is ignored from then on
+  (a later save of the same step does not collide with it).  Process 0 renames; callers
+  on several processes must synchronise afterwards.
+  """
+  src = os.path.join(directory, str(step))
+  dst = f"{src}.unusable-{time.strftime('%Y%m%dT%H%M%S')}"
+  if jax.process_index() == 0:
+    n = 0
+    while os.path.exists(dst):
+      n += 1
+      dst = f"{src}.unusable-{time.strftime('%Y%m%dT%H%M%S')}-{n}"
+    os.rename(src, dst)
+  _log.warning("checkpoint step %d in %s is unusable (%s); moved it to %s and ignore it.", step, directory,
+               why, os.path.basename(dst))
+  return dst
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _all_processes_ok(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+# ---- save / restore of one step -----------------------------------------------------------
+
+
+class _FrozenIteratorState(grain.DatasetIterator):
+  """Stands in for the live data iterator in a save: grain's handler calls `get_state()`,
+  and this returns the copy taken when the save was requested."""
+
+  def __init__(self, state: Any):
+    super().__init__()
+    self._state = copy.deepcopy(state)
+
+  def __next__(self):
+    raise StopIteration
+
+  def get_state(self):
+    return self._state
+
+  def set_state(self, state):
+    raise NotImplementedError
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any, meta: dict,
          *, force: bool = False) -> bool:
-  meta = dict(meta, format_version=FORMAT_VERSION)
+  """Starts saving one step (async if the manager is); returns whether it saved.
+
+  `meta` and the iterator state are copied now, so the loop may go on mutating them.
+  """
+  meta = json.loads(json.dumps(dict(meta, format_version=FORMAT_VERSION), default=_json_default))
   return manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
-      data=grain.checkpoint.CheckpointSave(data_iterator),
+      data=grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_iterator.get_state())),
       meta=ocp.args.JsonSave(meta),
   ), force=force)
 
 
-def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
-  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+def _json_default(x: Any) -> Any:
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  return str(x)
+
+
+def check_format(meta: dict, where: str) -> None:
   version = meta.get("format_version")
   if version != FORMAT_VERSION:
-    raise CheckpointError(
-        f"checkpoint step {step} in {manager.directory} has format version {version}, this ddk_jax reads "
-        f"version {FORMAT_VERSION}; resume it with the ddk_jax release that wrote it, or start a new workdir.")
+    raise IncompatibleCheckpointError(
+        f"{where} has checkpoint format version {version}, this ddk_jax reads version {FORMAT_VERSION}; "
+        "resume it with the ddk_jax release that wrote it, or start a new --workdir.")
+
+
+def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  if not isinstance(meta, dict):
+    raise CheckpointError(f"checkpoint step {step} in {manager.directory}: meta is not a JSON object")
+  check_format(meta, f"checkpoint step {step} in {manager.directory}")
   return meta
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iterator: Any) -> tuple[Any, dict]:
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=grain.checkpoint.CheckpointRestore(data_iterator),
-      meta=ocp.args.JsonRestore(),
-  ))
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iterator: Any,
+            *, restore_data: bool = True) -> tuple[Any, dict]:
+  items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+  if restore_data:
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
   return restored["state"], restored["meta"]
 
 
@@ -72,23 +211,201 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+# ---- the run's checkpoints ----------------------------------------------------------------
+
+
+class RunCheckpoints:
+  """The checkpoints of one run directory: safe start-up, save with clear errors, restore
+  with fallback to the previous good step.
+
+      ckpt = RunCheckpoints(workdir, cfg.checkpoint)      # moves uncommitted step dirs aside
+      found = ckpt.restore_latest(abstract, data_iter, check_meta)   # None: fresh start
+      ckpt.save(step, state, data_iter, meta)              # CheckpointError on failure
+      ckpt.close()
+  """
+
+  def __init__(self, workdir: str, ckpt_cfg: Any):
+    self.directory = checkpoint_dir(workdir)
+    os.makedirs(self.directory, exist_ok=True)
+    good, bad = scan_steps(self.directory)
+    for step, why in bad:
+      move_aside(self.directory, step, why)
+    if bad:
+      _sync("ddk_jax_checkpoint_scan")
+    self.manager = make_manager(workdir, ckpt_cfg, owner=True)
+    self._in_flight: int | None = None  # step of an async save not yet known to be committed
+    self._failed = False
+
+  # -- queries --
+  def steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  # -- restore --
+  def restore_latest(self, abstract_state: Any, data_iterator: Any,
+                     check_meta: Callable[[dict], bool] | None = None) -> tuple[int, Any, dict] | None:
+    """Restores the newest step that restores cleanly; None if there is no checkpoint.
+
+    `check_meta(meta)` runs on the newest readable step's meta before any array is read;
+    it may raise (e.g. a config change) and returns whether to restore the data iterator.
+    A step that fails to read falls back to the previous one; when an older step
+    restores, the newer unusable ones are moved aside.  Raises CheckpointError naming
+    every step's error when none restores.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      return None
+    failures: list[tuple[int, str]] = []
+    checked = False
+    restore_data = True
+    for step in steps:
+      error = meta = None
+      try:
+        meta = restore_meta(self.manager, step)
+      except IncompatibleCheckpointError:
+        raise
+      except Exception as e:  # noqa: BLE001 - unreadable meta makes this step unusable
+        error = _describe(e)
+      if not _all_processes_ok(error is None):
+        error = error or "another process could not read its meta"
+      if error is None:
+        if not checked:  # may raise (e.g. a config change): that is not a broken checkpoint
+          restore_data = True if check_meta is None else bool(check_meta(meta))
+          checked = True
+        try:
+          state, meta = restore(self.manager, step, abstract_state, data_iterator, restore_data=restore_data)
+          if int(jax.device_get(state["step"])) != step:
+            raise CheckpointError(f"its state holds step {int(jax.device_get(state['step']))}")
+        except Exception as e:  # noqa: BLE001 - any read error makes this step unusable
+          error = _describe(e)
+        if not _all_processes_ok(error is None):
+          error = error or "another process could not restore it"
+      if error is None:
+        for bad_step, why in failures:
+          move_aside(self.directory, bad_step, why)
+        if failures:
+          _sync("ddk_jax_checkpoint_fallback")
+          self.manager.reload()
+          _log.warning("resumed from step %d, the newest checkpoint that restores.", step)
+        return step, state, meta
+      _log.warning("checkpoint step %d in %s cannot be restored: %s", step, self.directory, error)
+      failures.append((step, error))
+    listing = "\n".join(f"  step {s}: {why}" for s, why in failures)
+    raise CheckpointError(
+        f"no checkpoint in {self.directory} can be restored:\n{listing}\nIf the files were damaged, restore "
+        f"them from a copy; to start the run over, move {self.directory} aside (nothing was changed on disk).")
+
+  # -- save --
+  def save(self, step: int, state: Any, data_iterator: Any, meta: dict, *, force: bool = False) -> None:
+    """Starts a save of `step`; raises CheckpointError if it (or the previous async one) fails."""
+    if self._failed:
+      raise CheckpointError("an earlier checkpoint save failed; not saving again")
+    self.wait()  # surfaces a failure of the previous async save under its own step
+    try:
+      saved = save(self.manager, step, state, data_iterator, meta, force=force)
+    except Exception as e:  # noqa: BLE001
+      self._raise_save_error(step, e)
+    if saved:
+      self._in_flight = step
+
+  def wait(self) -> None:
+    """Blocks until the async save (if any) has committed; CheckpointError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      self._raise_save_error(self._in_flight, e)
+    self._in_flight = None
+
+  def close(self, *, quiet: bool = False) -> None:
+    """Waits for an in-flight save and closes the manager (quiet: log a failure, do not raise)."""
+    try:
+      if not self._failed:
+        self.wait()
+    except CheckpointError as e:
+      if not quiet:
+        raise
+      _log.error("%s", e)
+    finally:
+      try:
+        self.manager.close()
+      except Exception as e:  # noqa: BLE001
+        if not quiet and not self._failed:
+          raise CheckpointError(f"closing the checkpoint manager of {self.directory} failed: {e}") from e
+
+  def _raise_save_error(self, step: int | None, e: BaseException) -> None:
+    self._failed = True
+    good, _ = scan_steps(self.directory)
+    good = [s for s in good if s != step] if step is not None else good
+    hint = _errno_hint(e)
+    intact = (f"the committed checkpoints {good} are intact; rerun the same command after fixing it and the run "
+              f"resumes from step {good[-1]}." if good else
+              "no earlier checkpoint exists; rerun the same command after fixing it to start the run again.")
+    raise CheckpointError(
+        f"saving checkpoint step {step} to {self.directory} failed: {type(e).__name__}: {e}. {hint}"
+        f"Nothing was overwritten or deleted: {intact}") from e
+
+
+def _describe(e: BaseException) -> str:
+  return f"{type(e).__name__}: {e}".strip()[:800]
+
+
+def _errno_hint(e: BaseException) -> str:
+  import errno
+  chain = [e]
+  while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+    nxt = chain[-1].__cause__ or chain[-1].__context__
+    if nxt in chain or len(chain) > 10:
+      break
+    chain.append(nxt)
+  text = " ".join(str(x) for x in chain)
+  codes = {getattr(x, "errno", None) for x in chain}
+  if errno.ENOSPC in codes or "No space left" in text:
+    return "The disk is full: free space (or move the workdir to a larger disk). "
+  if errno.EROFS in codes or errno.EACCES in codes or errno.EPERM in codes or "Read-only" in text:
+    return "The checkpoint directory is not writable: fix its permissions or mount. "
+  return ""
+
+
+# ---- config changes -----------------------------------------------------------------------
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
   out = {}
   for k, v in d.items():
     key = f"{prefix}{k}"
-    if isinstance(v, dict):
+    if isinstance(v, dict) and v:
       out.update(_flatten(v, key + "."))
     else:
       out[key] = v
   return out
 
 
+def _resumable(key: str) -> bool:
+  return any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_CHANGES)
+
+
 def config_changes(saved: dict, current: dict) -> list[str]:
   """Keys whose values differ between a saved resolved config and the current one,
   excluding keys that are safe to change on resume."""
   a, b = _flatten(saved), _flatten(json.loads(json.dumps(current, default=str)))
-  changed = []
-  for key in sorted(set(a) | set(b)):
-    if a.get(key) != b.get(key) and not any(key == p or key.startswith(p) for p in RESUMABLE_CHANGES):
-      changed.append(key)
-  return changed
+  return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not _resumable(k)]
+
+
+def resumable_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+  """The accepted changes, {key: (saved, current)}, to log on resume."""
+  a, b = _flatten(saved), _flatten(json.loads(json.dumps(current, default=str)))
+  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and _resumable(k)}
+
+
+def runtime_changes(saved: dict | None, current: dict) -> list[str]:
+  """Differences in how the run is laid out (process count, device count, resolved mesh)."""
+  if not saved:
+    return []
+  out = []
+  for key, what in (("num_processes", "number of processes"), ("num_devices", "number of devices"),
+                    ("mesh_shape", "resolved mesh shape")):
+    if saved.get(key) != current.get(key):
+      out.append(f"{what} ({key}: {saved.get(key)} -> {current.get(key)})")
+  return out

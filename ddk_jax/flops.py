@@ -45,12 +45,16 @@ def kd_step_flops(student: ModelConfig, teacher: ModelConfig | None, tokens: int
   return flops * tokens
 
 
-@functools.lru_cache(maxsize=None)
-def measured_matmul_peak(dtype: str = "float32", n: int = 1024, repeats: int = 5) -> float:
-  """FLOP/s of a jitted n x n matmul on device 0 (fp32 accumulation), best of `repeats`."""
+def time_matmul_peak(dtype: str = "float32", n: int = 1024, repeats: int = 5) -> float:
+  """FLOP/s of a jitted n x n matmul on device 0 (fp32 accumulation), best of `repeats`.
+
+  Not cached: benchmarks call it several times in a run and keep the best (the machine
+  may be shared).  bf16 inputs accumulate in fp32 (`preferred_element_type`), the form
+  the model's matmuls use.
+  """
   dt = jnp.dtype(dtype)
   a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dt)
-  f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+  f = _matmul_f32_acc
   f(a, a).block_until_ready()
   best = float("inf")
   for _ in range(repeats):
@@ -58,6 +62,17 @@ def measured_matmul_peak(dtype: str = "float32", n: int = 1024, repeats: int = 5
     f(a, a).block_until_ready()
     best = min(best, time.perf_counter() - t)
   return 2.0 * n ** 3 / best
+
+
+@jax.jit
+def _matmul_f32_acc(x, y):
+  return jnp.matmul(x, y, preferred_element_type=jnp.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_peak(dtype: str = "float32", n: int = 1024, repeats: int = 5) -> float:
+  """`time_matmul_peak`, measured once per process and argument set."""
+  return time_matmul_peak(dtype, n, repeats)
 
 
 def peak_flops_per_device(compute_dtype: str) -> tuple[float, str]:

@@ -37,6 +37,10 @@ class TrainingError(RuntimeError):
   """A run that cannot go on; the message says why and what to do."""
 
 
+class NonFiniteError(TrainingError):
+  """Too many consecutive steps had a non-finite loss or gradient (optimizer.max_consecutive_skips)."""
+
+
 @dataclasses.dataclass
 class Models:
   student_cfg: ModelConfig
@@ -70,12 +74,12 @@ def _load_model(cfg: ml_collections.ConfigDict, which: str, mesh, rules, seed: i
 def restore_student_params(workdir: str, mesh, rules, overrides: dict | None = None,
                            step: int | None = None) -> tuple[ModelConfig, Any]:
   """The student params of a finished (or running) ddk_jax run, e.g. as a teacher."""
-  manager = checkpointing.make_manager(workdir, ml_collections.ConfigDict(
-      {"keep": 1000, "keep_period": 0, "async_save": False}))
-  step = manager.latest_step() if step is None else step
+  step = checkpointing.latest_good_step(workdir) if step is None else step  # committed steps only
   if step is None:
     raise TrainingError(f"{workdir} has no checkpoint to take a model from; train it first "
                         f"(python -m ddk_jax.main --workdir={workdir} ...) or point at another workdir.")
+  manager = checkpointing.make_manager(workdir, ml_collections.ConfigDict(
+      {"keep": 1000, "keep_period": 0, "async_save": False}), read_only=True)
   meta = checkpointing.restore_meta(manager, step)
   saved = dict(meta["config"]["student"]["model"])
   mcfg = ModelConfig.from_dict(saved)
@@ -106,13 +110,25 @@ def resolved_config_dict(cfg: ml_collections.ConfigDict) -> dict:
 
 
 class _Preemption:
-  """Turns SIGTERM (what a TPU preemption sends) into a flag the loop checks."""
+  """Turns SIGTERM (what a TPU preemption sends) into a stop the loop checks after each step.
+
+  One process: a Python SIGTERM handler sets a flag.  Several processes: JAX's preemption
+  service (started by jax.distributed.initialize) catches SIGTERM on any host and agrees
+  on one step at which every host stops (`reached_preemption_sync_point`), so all hosts
+  save the same step; no Python handler is installed then (it would replace JAX's).
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._multihost = False
 
   def __enter__(self):
+    from jax._src import distributed
+    self._multihost = jax.process_count() > 1 and distributed.global_state.preemption_sync_manager is not None
+    if self._multihost:
+      return self
+
     def handler(signum, frame):
       self.requested = True
       _log.warning("SIGTERM received: saving a checkpoint after the current step, then exiting.")
@@ -121,6 +137,15 @@ class _Preemption:
     except ValueError:  # not the main thread (e.g. in a notebook worker): no handler
       self._previous = None
     return self
+
+  def should_stop(self, step: int) -> bool:
+    """Call after every step, with the same step on every host."""
+    if self._multihost:
+      from jax.experimental import multihost_utils
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.requested = True
+        _log.warning("preemption notice (SIGTERM) reached all hosts: saving step %d, then exiting.", step)
+    return self.requested
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -139,6 +164,37 @@ def _check_workdir(workdir: str) -> None:
                         "you can write to.") from None
 
 
+def _check_model_sources(cfg: ml_collections.ConfigDict) -> None:
+  """Fails before any work when a model the run reads from disk is not there."""
+  models = ("student",) if cfg.mode == "cpt" else ("teacher", "student")
+  for which in models:
+    section = cfg[which]
+    if section.source == "workdir" and not str(section.path).startswith("gs://"):
+      if checkpointing.latest_good_step(section.path) is None:
+        raise TrainingError(
+            f"{which}.source='workdir' but {which}.path={section.path!r} has no committed checkpoint to take the "
+            f"{which} from. Train that run first (python -m ddk_jax.main --workdir={section.path} ...), set "
+            f"{which}.pretrain_steps > 0 to pre-train it there, or point {which}.path at a finished run.")
+    elif section.source == "hf":
+      from ddk_jax import hf
+      hf.validate_checkpoint_dir(section.path)  # config.json + safetensors headers; errors name the file
+
+
+def _truncate_metrics(path: str, size: int, restored_step: int | None) -> None:
+  """Makes metrics.jsonl read like an uninterrupted run: rows logged after the checkpoint
+  we resume from (or, with no checkpoint, by an earlier attempt) are dropped."""
+  if not os.path.exists(path):
+    return
+  current = os.path.getsize(path)
+  if current > size:
+    os.truncate(path, size)
+    what = f"after checkpoint step {restored_step}" if restored_step is not None else "by an attempt with no checkpoint"
+    _log.info("metrics.jsonl: dropped %d bytes of rows logged %s (they are logged again).", current - size, what)
+  elif current < size:
+    _log.warning("metrics.jsonl is shorter (%d bytes) than when step %s was saved (%d bytes); rows before the "
+                 "resume point are missing from it.", current, restored_step, size)
+
+
 def evaluate(eval_fn, params, validation, mesh, rules, names) -> tuple[np.ndarray, np.ndarray]:
   """Per-domain mean validation CE (and token counts) over all hosts."""
   sums = np.zeros(len(names))
@@ -153,7 +209,18 @@ def evaluate(eval_fn, params, validation, mesh, rules, names) -> tuple[np.ndarra
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict:
-  """Runs (or resumes) the experiment in `workdir`; returns a summary dict."""
+  """Runs (or resumes) the experiment in `workdir`; returns a summary dict.
+
+  `summary["status"]` is "done", or "preempted" after SIGTERM (a checkpoint of the last
+  step was saved; the same call resumes).  Raises TrainingError (config, inputs, resume
+  mismatch), NonFiniteError (too many non-finite steps; the last good checkpoint is kept)
+  or checkpointing.CheckpointError (a save failed; earlier checkpoints are kept).
+  """
+  with _Preemption() as preemption:
+    return _train(cfg, workdir, allow_config_change, preemption)
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: str, allow_config_change: bool, preemption: _Preemption) -> dict:
   from ddk_jax import data as data_lib
 
   t_start = time.time()
@@ -161,6 +228,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
   is_main = jax.process_index() == 0
   config_validation.validate_config(cfg, jax.device_count())
   _check_workdir(workdir)
+  _check_model_sources(cfg)
   mode = cfg.mode
 
   # ---- data -------------------------------------------------------------------------

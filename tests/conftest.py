@@ -5,6 +5,10 @@ one device with a mesh take `jax.devices()[:1]` for the single-device side.
 """
 
 import os
+import sys
+
+# Test helpers (tiny_run.py) live beside the tests.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests run tiny models: XLA's compile time dominates, and the cheaper CPU backend
