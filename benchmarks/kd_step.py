@@ -244,7 +244,7 @@ def torch_state_dict(params, cfg):
     inv = np.argsort(m.perm)
     for i, name in enumerate(m.names(cfg.num_layers)):
       t = (x[i] if m.stacked else x).transpose(inv).reshape(m.hf_shape)
-      sd[name] = torch.from_numpy(np.ascontiguousarray(t))
+      sd[name] = torch.from_numpy(np.array(t, np.float32, order="C", copy=True))
   return sd
 
 

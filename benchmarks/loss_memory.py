@@ -91,14 +91,17 @@ def peak_bytes(compiled) -> dict:
   return out
 
 
-def time_runs(compiled, args, repeats: int) -> float:
-  jax.block_until_ready(compiled(*args))  # warm-up
-  times = []
+def time_runs(compiled: dict, args, repeats: int) -> dict:
+  """Median wall time per implementation; rounds interleave them so load drift hits all alike."""
+  for c in compiled.values():
+    jax.block_until_ready(c(*args))  # warm-up: first touch of the buffers
+  times = {k: [] for k in compiled}
   for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+    for k, c in compiled.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(c(*args))
+      times[k].append(time.perf_counter() - t0)
+  return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv=None) -> int:
@@ -114,7 +117,7 @@ def main(argv=None) -> int:
   p.add_argument("--gamma", type=float, default=0.5)
   p.add_argument("--chunk-size", type=int, default=0, help="0: default_chunk_size(V)")
   p.add_argument("--impls", default=",".join(IMPLS))
-  p.add_argument("--repeats", type=int, default=3, help="timed runs (median) after a warm-up")
+  p.add_argument("--repeats", type=int, default=2, help="timed runs (median) after a warm-up")
   p.add_argument("--time", choices=("feasible", "all", "none"), default="feasible",
                  help="feasible: time a vocab only if its naive peak fits in --max-run-gib")
   p.add_argument("--max-run-gib", type=float, default=None,
@@ -134,7 +137,8 @@ def main(argv=None) -> int:
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cpus); "
         f"tokens {args.tokens} (B={args.batch}, S={seq}), student H={args.student_hidden}, "
         f"teacher H={args.teacher_hidden}, {args.dtype} hidden/heads, T={args.temperature}, "
-        f"gamma={args.gamma}; value_and_grad w.r.t. student hidden and head", flush=True)
+        f"gamma={args.gamma}; value_and_grad w.r.t. student hidden and head; "
+        f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
   rows = []
   for vocab in vocabs:
@@ -150,9 +154,8 @@ def main(argv=None) -> int:
     times = {}
     if run:
       inputs = make_inputs(args.batch, seq, args.student_hidden, args.teacher_hidden, vocab, dtype)
-      for impl in impls:
-        times[impl] = time_runs(compiled[impl], inputs, args.repeats)
-        print(f"  V={vocab} {impl}: {times[impl]:.2f} s", flush=True)
+      times = time_runs(compiled, inputs, args.repeats)
+      print(f"  V={vocab}: " + ", ".join(f"{k} {t:.2f} s" for k, t in times.items()), flush=True)
       del inputs
     for impl in impls:
       rows.append(dict(vocab=vocab, impl=impl, chunk=None if impl == "naive" else chunk,
@@ -172,7 +175,8 @@ def main(argv=None) -> int:
     tr = r["time"] / b["time"] if b and r["time"] and b["time"] else None
     print(f"| {r['vocab']} | {r['impl']} | {r['chunk'] or '-'} | {r['args'] / MiB:,.0f} "
           f"| {r['out'] / MiB:,.0f} | {r['temp'] / MiB:,.0f} | {r['peak'] / MiB:,.0f} "
-          f"| {pr:.3f} (1/{1 / pr:.1f}) | {'%.2f' % r['time'] if r['time'] else 'not run'} "
+          f"| {f'{pr:.3f} (1/{1 / pr:.1f})' if b else '-'} "
+          f"| {'%.2f' % r['time'] if r['time'] else 'not run'} "
           f"| {'%.2fx' % tr if tr else '-'} |")
     if b and r["impl"] != "naive":
       goal = 1 / 4 if r["vocab"] <= 65536 else 1 / 8
@@ -183,6 +187,7 @@ def main(argv=None) -> int:
   print()
   for v in verdicts:
     print(v)
+  print(f"load average at the end {os.getloadavg()[0]:.1f} (timings are shared-CPU wall times)")
   return 0
 
 

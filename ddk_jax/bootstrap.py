@@ -48,10 +48,12 @@ def _pretrain_config(cfg: ml_collections.ConfigDict, which: str) -> ml_collectio
   return pre
 
 
-def prepare_models(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+def prepare_models(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   """Resolves paths, checks HF checkpoints exist, runs requested pre-training (teacher first).
 
   Called before training so that a missing checkpoint file fails in the first seconds.
+  Returns "ready", or "preempted" when a SIGTERM stopped a pre-training (it resumes
+  when the same command runs again).
   """
   from ddk_jax import trainer
 
@@ -74,6 +76,9 @@ def prepare_models(cfg: ml_collections.ConfigDict, workdir: str) -> None:
       continue
     _log.info("%s: pre-training %d steps (mode cpt) into %s", which, int(section.pretrain_steps), section.path)
     result = trainer.train(_pretrain_config(cfg, which), section.path)
+    if result["status"] == "preempted":
+      return "preempted"
     if result["status"] != "done":
       raise trainer.TrainingError(f"pre-training of the {which} stopped at step {result['step']} "
                                   f"({result['status']}); rerun the same command to resume it.")
+  return "ready"

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from etils import epath
 import grain
 import jax
 import numpy as np
@@ -53,7 +54,8 @@ class IncompatibleCheckpointError(CheckpointError):
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  workdir = os.fspath(workdir)
+  return (workdir.rstrip("/") if "://" in workdir else os.path.abspath(workdir)) + "/checkpoints"
 
 
 def make_manager(workdir: str, ckpt_cfg: Any, *, owner: bool = False, read_only: bool = False
@@ -63,11 +65,12 @@ def make_manager(workdir: str, ckpt_cfg: Any, *, owner: bool = False, read_only:
   leftovers of interrupted saves (`*.orbax-checkpoint-tmp-*`) are removed when it starts;
   readers (export, a teacher taken from a run) never touch them."""
   directory = checkpoint_dir(workdir)
+  # A reader (read_only) never saves, so nothing is ever deleted through it; orbax's own
+  # read_only mode is not used because it logs warnings on every open.
   options = ocp.CheckpointManagerOptions(
       max_to_keep=int(ckpt_cfg.keep),
       keep_period=int(ckpt_cfg.keep_period) or None,
       create=not read_only,
-      read_only=read_only,
       cleanup_tmp_directories=owner and not read_only,
       enable_async_checkpointing=bool(ckpt_cfg.async_save),
   )
@@ -83,17 +86,17 @@ def scan_steps(directory: str) -> tuple[list[int], list[tuple[int, str]]]:
   A step counts as committed when its directory has orbax's commit marker and all items.
   """
   good, bad = [], []
-  if not os.path.isdir(directory):
+  root = epath.Path(directory)
+  if not root.is_dir():
     return good, bad
-  for name in os.listdir(directory):
-    path = os.path.join(directory, name)
-    if not (name.isdigit() and os.path.isdir(path)):
+  for path in root.iterdir():
+    if not (path.name.isdigit() and path.is_dir()):
       continue
-    step = int(name)
-    if not os.path.exists(os.path.join(path, COMMIT_MARKER)):
+    step = int(path.name)
+    if not (path / COMMIT_MARKER).exists():
       bad.append((step, f"no {COMMIT_MARKER} (the save or a copy of it never completed)"))
       continue
-    missing = [item for item in ITEMS if not os.path.isdir(os.path.join(path, item))]
+    missing = [item for item in ITEMS if not (path / item).is_dir()]
     if missing:
       bad.append((step, f"items {missing} are missing"))
       continue
@@ -113,17 +116,18 @@ def move_aside(directory: str, step: int, why: str) -> str:
   (a later save of the same step does not collide with it).  Process 0 renames; callers
   on several processes must synchronise afterwards.
   """
-  src = os.path.join(directory, str(step))
-  dst = f"{src}.unusable-{time.strftime('%Y%m%dT%H%M%S')}"
+  src = epath.Path(directory) / str(step)
+  stamp = time.strftime("%Y%m%dT%H%M%S")
+  dst = src.parent / f"{step}.unusable-{stamp}"
   if jax.process_index() == 0:
     n = 0
-    while os.path.exists(dst):
+    while dst.exists():
       n += 1
-      dst = f"{src}.unusable-{time.strftime('%Y%m%dT%H%M%S')}-{n}"
-    os.rename(src, dst)
+      dst = src.parent / f"{step}.unusable-{stamp}-{n}"
+    src.rename(dst)
   _log.warning("checkpoint step %d in %s is unusable (%s); moved it to %s and ignore it.", step, directory,
-               why, os.path.basename(dst))
-  return dst
+               why, dst.name)
+  return os.fspath(dst)
 
 
 def _sync(name: str) -> None:
@@ -207,6 +211,42 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data
   return restored["state"], restored["meta"]
 
 
+def _path_name(path: tuple) -> str:
+  parts = []
+  for k in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def state_shape_mismatches(state_dir: str, abstract_state: Any) -> list[str]:
+  """'path: saved shape, now shape' for arrays whose shape differs ([] if the saved tree
+  cannot be read: restoring it then reports why)."""
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)  # orbax warns that the item has no step metadata file
+  try:
+    saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  except Exception:  # noqa: BLE001 - unreadable metadata is reported by the restore itself
+    return []
+  finally:
+    absl_logger.setLevel(level)
+  saved_shapes = {_path_name(p): tuple(getattr(m, "shape", ()) or ())
+                  for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  out = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+    key = _path_name(path)
+    if key not in saved_shapes:
+      out.append(f"{key}: not in the checkpoint")
+    elif saved_shapes[key] != tuple(leaf.shape):
+      out.append(f"{key}: saved {saved_shapes[key]}, now {tuple(leaf.shape)}")
+  return sorted(out, key=lambda m: not m.startswith("params/"))  # params first: easiest to read
+
+
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -230,8 +270,7 @@ class RunCheckpoints:
     good, bad = scan_steps(self.directory)
     for step, why in bad:
       move_aside(self.directory, step, why)
-    if bad:
-      _sync("ddk_jax_checkpoint_scan")
+    _sync("ddk_jax_checkpoint_scan")  # every process, even one that saw nothing to move (it may scan late)
     self.manager = make_manager(workdir, ckpt_cfg, owner=True)
     self._in_flight: int | None = None  # step of an async save not yet known to be committed
     self._failed = False
@@ -260,6 +299,21 @@ class RunCheckpoints:
     failures: list[tuple[int, str]] = []
     checked = False
     restore_data = True
+    mismatches = state_shape_mismatches(os.path.join(self.directory, str(steps[0]), "state"), abstract_state)
+    if mismatches:
+      if check_meta is not None:  # a config change explains it better, when there is one
+        try:
+          meta0 = restore_meta(self.manager, steps[0])
+        except IncompatibleCheckpointError:
+          raise
+        except Exception:  # noqa: BLE001 - the shapes are reason enough
+          meta0 = None
+        if meta0 is not None:
+          check_meta(meta0)
+      raise CheckpointError(
+          f"checkpoint step {steps[0]} in {self.directory} holds arrays of other shapes than this config builds "
+          f"({'; '.join(mismatches[:3])}{'; ...' if len(mismatches) > 3 else ''}): a changed model cannot continue "
+          "this run. Use the model config the run was started with, or a new --workdir.")
     for step in steps:
       error = meta = None
       try:

@@ -50,15 +50,15 @@ __all__ = [
 # the loss's temporaries at a few hundred MiB while keeping the head matmuls
 # large enough to run near peak (reading W once per chunk must stay cheap
 # relative to the chunk's FLOPs).
-_CHUNK_BLOCK_BYTES = 256 * 2**20
+_CHUNK_BLOCK_BYTES = 128 * 2**20
 _MIN_CHUNK = 256
 _MAX_CHUNK = 8192
 
 
 def default_chunk_size(vocab_size: int) -> int:
-  """Tokens per chunk for a vocabulary: a power of two with chunk*V*4 ~ 256 MiB.
+  """Tokens per chunk for a vocabulary: a power of two with chunk * V * 4 <= 128 MiB.
 
-  32k vocab -> 2048 tokens, 152k -> 256 (never below 256, never above 8192).
+  32k vocab -> 1024 tokens, 152k -> 256 (never below 256, never above 8192).
   """
   tokens = max(1, _CHUNK_BLOCK_BYTES // (4 * int(vocab_size)))
   p = 1 << (tokens.bit_length() - 1)  # round down to a power of two
@@ -271,11 +271,15 @@ def _token_losses_bwd(temperature, chunk_size, res, cts):
 _token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
 
 
-def _check_teacher(teacher_hidden, teacher_head):
+def _check_teacher(teacher_hidden, teacher_head, student_head):
   if (teacher_hidden is None) != (teacher_head is None):
     raise ValueError("teacher_hidden and teacher_head must both be given or both be None")
   if teacher_hidden is None:
     return None, None
+  if teacher_head.shape[1] != student_head.shape[1]:
+    raise ValueError(
+      f"teacher vocab {teacher_head.shape[1]} != student vocab {student_head.shape[1]}; "
+      "slice the teacher head to the shared vocabulary first")
   return jax.lax.stop_gradient(teacher_hidden), jax.lax.stop_gradient(teacher_head)
 
 
@@ -306,7 +310,7 @@ def chunked_kd_token_losses(
     ``(ce_tok, kl_tok)`` float32 ``[B, S]``, zero where ``mask == 0``. Gradients
     w.r.t. student hidden/head come back in their input dtypes.
   """
-  ht, wt = _check_teacher(teacher_hidden, teacher_head)
+  ht, wt = _check_teacher(teacher_hidden, teacher_head, student_head)
   return _token_losses(
     student_hidden, student_head, ht, wt, targets, mask, float(temperature), chunk_size
   )
@@ -365,7 +369,7 @@ def chunked_kd_loss_sum(
   ``stop_gradient``-ed (use them for metrics such as ``per_domain_sums``).
   Without differentiation (eval), only the values are computed.
   """
-  ht, wt = _check_teacher(teacher_hidden, teacher_head)
+  ht, wt = _check_teacher(teacher_hidden, teacher_head, student_head)
   if ht is None:
     gamma = 0.0
   total, ce, kl = _loss_sum(

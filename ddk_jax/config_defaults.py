@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.eps = 1e-8
   c.optimizer.grad_clip_norm = 1.0
   c.optimizer.grad_accum = 1
+  # A step with a non-finite loss or gradient is skipped (params and optimizer state kept);
+  # after this many in a row the run stops, keeping its last good checkpoint (0: never stop).
+  c.optimizer.max_consecutive_skips = 10
 
   c.loss = ml_collections.ConfigDict()
   c.loss.gamma = 1.0  # weight of the KD term

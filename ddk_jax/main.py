@@ -7,6 +7,16 @@ r"""Train a student with DDK (or a baseline) from a config file.
 
 Any config key can be overridden with --config.<key>=<value>.  Running the same command
 again with the same --workdir resumes from the latest checkpoint.
+
+Exit codes (docs/reliability.md):
+  0    done (or already done)
+  2    bad config or input (a message names the key or file); nothing was trained
+  3    stopped: optimizer.max_consecutive_skips non-finite steps in a row; the last good
+       checkpoint is kept, rerun after fixing the cause
+  4    a checkpoint could not be written (disk full, permissions) or none could be read;
+       committed checkpoints are kept
+  143  preempted (SIGTERM): the checkpoint of the current step was saved; rerun the same
+       command to resume
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, plots, report.md. "
                                "Default: runs/<config name>.")
+EXIT_CONFIG, EXIT_NON_FINITE, EXIT_CHECKPOINT, EXIT_PREEMPTED = 2, 3, 4, 143
+
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False,
     "Resume even if keys that change the experiment (shapes, data, optimizer...) differ from the checkpoint's.")
@@ -40,7 +52,7 @@ def _main(argv) -> None:
   setup_logging()
   from ddk_jax import sharding
   sharding.maybe_initialize_distributed()
-  from ddk_jax import bootstrap, config_validation, trainer
+  from ddk_jax import bootstrap, checkpointing, config_validation, trainer
 
   cfg = _CONFIG.value
   if cfg is None:
@@ -49,11 +61,21 @@ def _main(argv) -> None:
   try:
     import jax
     config_validation.validate_config(cfg, jax.device_count())  # before any work is done
-    bootstrap.prepare_models(cfg, workdir)
-    summary = trainer.train(cfg, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    if bootstrap.prepare_models(cfg, workdir) == "preempted":
+      summary = {"status": "preempted"}
+    else:
+      summary = trainer.train(cfg, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  except trainer.NonFiniteError as e:
+    logging.getLogger("ddk_jax").error("%s", e)
+    sys.exit(EXIT_NON_FINITE)
+  except checkpointing.CheckpointError as e:
+    logging.getLogger("ddk_jax").error("%s", e)
+    sys.exit(EXIT_CHECKPOINT)
   except (config_validation.ConfigError, trainer.TrainingError, ValueError, FileNotFoundError) as e:
     logging.getLogger("ddk_jax").error("%s", e)
-    sys.exit(2)
+    sys.exit(EXIT_CONFIG)
+  if summary["status"] == "preempted":
+    sys.exit(EXIT_PREEMPTED)
   if summary["status"] == "done":
     print(f"\nDone. Report: {os.path.join(os.path.abspath(workdir), 'report.md')}")
 

@@ -157,13 +157,15 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
 def _dot(equation: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
   # Inputs in the compute dtype, fp32 accumulation (fast bf16 path on CPU and exact
   # accumulation on accelerators), result back in the compute dtype.
-  return jnp.einsum(equation, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+  acc = jnp.promote_types(dtype, jnp.float32)
+  return jnp.einsum(equation, x.astype(dtype), w.astype(dtype), preferred_element_type=acc).astype(dtype)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-  xf = x.astype(jnp.float32)
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  xf = x.astype(acc)
   normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-  return (weight.astype(jnp.float32) * normed).astype(x.dtype)
+  return (weight.astype(acc) * normed).astype(x.dtype)
 
 
 def attention_mask(segment_ids: jax.Array, sliding_window: int) -> jax.Array:
@@ -177,6 +179,31 @@ def attention_mask(segment_ids: jax.Array, sliding_window: int) -> jax.Array:
   return (same & causal[None])[:, None]
 
 
+def _einsum_attention(q, k, v, mask):
+  """Masked attention as two einsums over KV-head groups (GQA without repeating K/V).
+
+  On CPU this beats `jax.nn.dot_product_attention`'s XLA path; softmax statistics are
+  fp32 (or the input precision when higher).
+  """
+  b, s, n, d = q.shape
+  kh = k.shape[2]
+  dt = q.dtype
+  acc = jnp.promote_types(dt, jnp.float32)
+  q, k, v = q.astype(acc), k.astype(acc), v.astype(acc)
+  qg = (q * jnp.asarray(d ** -0.5, acc)).reshape(b, s, kh, n // kh, d)
+  scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=acc)
+  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(acc).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=acc)
+  return out.reshape(b, s, n, d).astype(dt)
+
+
+def attention(q, k, v, mask, impl: str = ""):
+  if impl == "einsum" or (impl == "" and jax.default_backend() == "cpu"):
+    return _einsum_attention(q, k, v, mask)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl or None)
+
+
 def _layer(cfg: ModelConfig, inv_freq, x, p, positions, mask):
   dt = DTYPES[cfg.compute_dtype]
   h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
@@ -187,13 +214,15 @@ def _layer(cfg: ModelConfig, inv_freq, x, p, positions, mask):
     q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
   q = rope.apply_rope(q, positions, inv_freq)
   k = rope.apply_rope(k, positions, inv_freq)
-  attn = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl or None)
+  with jax.named_scope("attention"):
+    attn = attention(q, k, v, mask, cfg.attention_impl)
   x = x + _dot("bsnd,ndh->bsh", attn, p["wo"], dt)
   x = constrain(x, ("batch", "length", "act_embed"))
   h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-  gate = _dot("bsh,hf->bsf", h, p["w_gate"], dt)
-  up = _dot("bsh,hf->bsf", h, p["w_up"], dt)
-  x = x + _dot("bsf,fh->bsh", jax.nn.silu(gate) * up, p["w_down"], dt)
+  with jax.named_scope("mlp"):
+    gate = _dot("bsh,hf->bsf", h, p["w_gate"], dt)
+    up = _dot("bsh,hf->bsf", h, p["w_up"], dt)
+    x = x + _dot("bsf,fh->bsh", jax.nn.silu(gate) * up, p["w_down"], dt)
   return constrain(x, ("batch", "length", "act_embed"))
 
 

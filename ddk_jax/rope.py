@@ -44,11 +44,12 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: Mapping[str, Any] 
 
 
 def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: np.ndarray) -> jnp.ndarray:
-  """Rotates x [B, S, heads, D] by positions [B, S]; math in fp32, result in x.dtype."""
-  angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
+  """Rotates x [B, S, heads, D] by positions [B, S]; math in fp32 (or x's dtype if wider)."""
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  angles = positions[..., None].astype(acc) * jnp.asarray(inv_freq, acc)
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
-  xf = x.astype(jnp.float32)
+  xf = x.astype(acc)
   half = x.shape[-1] // 2
   x1, x2 = xf[..., :half], xf[..., half:]
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

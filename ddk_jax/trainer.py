@@ -228,6 +228,9 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
   is_main = jax.process_index() == 0
   config_validation.validate_config(cfg, jax.device_count())
   _check_workdir(workdir)
+  if int(cfg.optimizer.max_consecutive_skips) < 0:
+    raise TrainingError(f"optimizer.max_consecutive_skips={cfg.optimizer.max_consecutive_skips}: must be >= 0 "
+                        "(0: never stop on non-finite steps).")
   _check_model_sources(cfg)
   mode = cfg.mode
 
@@ -281,26 +284,61 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
                                  initial_weights=None if mode == "ddk_equal_sampling" else data_lib.initial_weights(cfg.data))
 
   # ---- resume -----------------------------------------------------------------------------
-  manager = checkpointing.make_manager(workdir, cfg.checkpoint)
+  # Uncommitted step directories are moved aside here; a step that does not restore falls
+  # back to the previous one (checkpointing.RunCheckpoints).
+  ckpt = checkpointing.RunCheckpoints(workdir, cfg.checkpoint)
   config_dict = resolved_config_dict(cfg)
+  runtime = {"num_processes": jax.process_count(), "num_devices": jax.device_count(),
+             "mesh_shape": {k: int(v) for k, v in mesh.shape.items()}}
+  total_steps = int(cfg.steps)
   start_step = 0
-  log_state: dict[str, Any] = {"eval_seconds": 0.0, "train_seconds": 0.0, "initial_student_losses": None}
-  latest = manager.latest_step()
-  if latest is not None:
-    meta = checkpointing.restore_meta(manager, latest)
+  log_state: dict[str, Any] = {"eval_seconds": 0.0, "train_seconds": 0.0, "initial_student_losses": None,
+                               "final_student_losses": None, "metrics_bytes": 0, "consecutive_skips": 0}
+
+  def check_resume(meta: dict) -> bool:
+    """Refuses config changes that would change the experiment; True: restore the data position."""
     changed = checkpointing.config_changes(meta["config"], config_dict)
-    if changed and not allow_config_change:
+    layout = checkpointing.runtime_changes(meta.get("runtime"), runtime)
+    if (changed or layout) and not allow_config_change:
       raise TrainingError(
-          f"the config differs from the one {workdir} was started with, in keys {changed}; changing them mid-run "
-          "would silently change the experiment. Use the original values, a new --workdir, or pass "
+          f"the config differs from the one {workdir} was started with, in keys {changed + layout}; changing "
+          "them mid-run would silently change the experiment. Use the original values, a new --workdir, or pass "
           "--allow_config_change to accept the change.")
-    abstract = checkpointing.abstract_with_shardings(state, state_sh)
-    state, meta = checkpointing.restore(manager, latest, abstract, data_iter)
+    if changed or layout:
+      _log.warning("resuming with changed keys %s (--allow_config_change): the run is no longer the one it "
+                   "started as.", changed + layout)
+    for key, (old, new) in checkpointing.resumable_changes(meta["config"], config_dict).items():
+      _log.info("resuming with %s changed from %r to %r", key, old, new)
+      if key == "steps" and cfg.optimizer.schedule == "cosine":
+        _log.warning("steps changed from %s to %s: the cosine learning-rate schedule now decays over %s steps "
+                     "(from the restored step on).", old, new, new)
+    saved_processes = (meta.get("runtime") or {}).get("num_processes", jax.process_count())
+    if saved_processes != jax.process_count():
+      _log.warning("the checkpoint was written by %d processes, this run has %d: the data pipelines start from "
+                   "the beginning of their (new) shards.", saved_processes, jax.process_count())
+      return False
+    return True
+
+  try:
+    found = ckpt.restore_latest(checkpointing.abstract_with_shardings(state, state_sh), data_iter, check_resume)
+  except BaseException:
+    ckpt.close(quiet=True)
+    raise
+  if found is not None:
+    start_step, state, meta = found
     controller.load_state_dict(meta["controller"])
     log_state.update(meta.get("log_state", {}))
-    start_step = int(jax.device_get(state["step"]))
     data_iter.set_weights(controller.weights.tolist())
-    _log.info("resumed from %s at step %d", manager.directory, start_step)
+    _log.info("resumed from %s at step %d", ckpt.directory, start_step)
+    if start_step > total_steps:
+      ckpt.close(quiet=True)
+      raise TrainingError(f"{workdir} holds a checkpoint of step {start_step}, beyond steps={total_steps}; pass "
+                          f"--config.steps >= {start_step} to continue it, or use a new --workdir.")
+    if start_step < total_steps:
+      log_state["final_student_losses"] = None  # continuing a finished run: it gets a new final eval
+  if is_main:
+    _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), int(log_state["metrics_bytes"]),
+                      start_step if found is not None else None)
 
   writer = reporting.MetricsWriter(workdir, enabled=is_main, tensorboard=bool(cfg.logging.tensorboard))
   flops_per_step = flops.kd_step_flops(student_cfg, teacher_cfg, int(cfg.global_batch_size) * int(cfg.data.seq_len),
@@ -310,6 +348,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
   _log.info("MFU denominator: %.1f TFLOP/s over %d devices (%s)", peak_total / 1e12, jax.device_count(), peak_source)
 
   def run_eval(step: int, params) -> np.ndarray:
+    drain()  # train rows of earlier steps first: metrics.jsonl is in step order however the run was cut
     t = time.time()
     losses, _ = evaluate(eval_student, params, validation, mesh, rules, names)
     log_state["eval_seconds"] += time.time() - t
@@ -327,8 +366,15 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
     _log.info("teacher validation CE: %s", dict(zip(names, np.round(lt, 4).tolist())))
 
   def save(step: int, force: bool = False) -> None:
-    meta = {"controller": controller.state_dict(), "config": config_dict, "log_state": log_state}
-    checkpointing.save(manager, step, state, data_iter, meta, force=force)
+    if is_main:  # metrics.jsonl is cut back to this length when the run resumes from this step
+      log_state["metrics_bytes"] = os.path.getsize(os.path.join(workdir, "metrics.jsonl"))
+    meta = {"controller": controller.state_dict(), "config": config_dict, "log_state": log_state,
+            "runtime": runtime, "step": step,
+            "rng": {"seed": int(cfg.seed), "data_seed": int(cfg.data.seed),
+                    "note": "the train step draws no random numbers (no dropout); params are initialised from "
+                            "seed; the mixture's draws are keyed by (data.seed, process, draw counter) and the "
+                            "counter is in the data item"}}
+    ckpt.save(step, state, data_iter, meta, force=force)
 
   def ddk_update(step: int) -> None:
     ls = run_eval(step, state["params"])
@@ -341,7 +387,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
       _log.info("DDK update at step %d\n%s", step, controller.format_table())
 
   interval = int(cfg.ddk.interval)
-  total_steps = int(cfg.steps)
+  max_skips = int(cfg.optimizer.max_consecutive_skips)
   needs_update_at = lambda step: (
       step % interval == 0 and (step > 0 or bool(cfg.ddk.update_at_start))
       and (not controller.history or controller.history[-1]["step"] < step))
@@ -350,8 +396,46 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
   pending: list = []  # metrics of dispatched steps, read one step late so the host never stalls the device
   tokens_since = 0
   t_window = time.time()
+  skipped_total = int(jax.device_get(state["skipped_steps"]))
   step = start_step
-  with _Preemption() as preemption:
+
+  def drain() -> None:
+    """Reads the metrics of every dispatched step: logs them, counts non-finite steps."""
+    nonlocal tokens_since, t_window, skipped_total
+    while pending:
+      s, m, doms = pending.pop(0)
+      m = jax.device_get(m)
+      tokens_since += float(m["tokens"])
+      if bool(m["finite"]):
+        log_state["consecutive_skips"] = 0
+      else:
+        skipped_total += 1
+        log_state["consecutive_skips"] += 1
+        _log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all; batch domains "
+                     "%s)", s + 1, log_state["consecutive_skips"], skipped_total,
+                     {n: int(c) for n, c in zip(names, doms) if c})
+      if (s + 1) % int(cfg.logging.every) == 0 or s + 1 == total_steps or not bool(m["finite"]):
+        elapsed = time.time() - t_window
+        tok_s = tokens_since / max(elapsed, 1e-9)
+        mfu = flops_per_step / int(cfg.global_batch_size) / int(cfg.data.seq_len) * tok_s / peak_total
+        row = {"loss": float(m["loss"]), "ce": float(m["ce"]), "kl": float(m["kl"]),
+               "grad_norm": float(m["grad_norm"]), "tokens_per_s": tok_s, "mfu": mfu,
+               "skipped_steps": skipped_total}
+        writer.write(s + 1, row, kind="train")
+        progress.update(s + 1, loss=row["loss"], tok_s=tok_s, mfu=mfu)
+        tokens_since, t_window = 0, time.time()
+      if max_skips and log_state["consecutive_skips"] >= max_skips:
+        last_good = ckpt.latest_step()
+        raise NonFiniteError(
+            f"steps {s + 2 - log_state['consecutive_skips']}..{s + 1}: {log_state['consecutive_skips']} consecutive "
+            f"steps had a non-finite loss or gradient (optimizer.max_consecutive_skips={max_skips}); stopping. "
+            f"No checkpoint was saved after the first of them: the last good checkpoint is "
+            f"{'step ' + str(last_good) if last_good is not None else 'none (the run never saved one)'} in "
+            f"{ckpt.directory}. Likely causes: a learning rate too high (optimizer.learning_rate), overflow in "
+            "bfloat16 (try compute_dtype float32), or broken data in the domains logged above. Fix the cause and "
+            "rerun: the run resumes from that checkpoint (pass --allow_config_change if you changed the config).")
+
+  try:
     while step < total_steps:
       if needs_update_at(step):
         ddk_update(step)
@@ -362,52 +446,55 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
       pending.append((step, metrics, domains_in_batch))
       step += 1
       if len(pending) > 1 or step == total_steps:
-        while pending:
-          s, m, doms = pending.pop(0)
-          m = jax.device_get(m)
-          tokens_since += float(m["tokens"])
-          if not bool(m["finite"]):
-            _log.warning("step %d: non-finite loss or gradient, update skipped (batch domains %s)", s,
-                         {n: int(c) for n, c in zip(names, doms) if c})
-          if (s + 1) % int(cfg.logging.every) == 0 or s + 1 == total_steps:
-            elapsed = time.time() - t_window
-            tok_s = tokens_since / max(elapsed, 1e-9)
-            mfu = flops_per_step / int(cfg.global_batch_size) / int(cfg.data.seq_len) * tok_s / peak_total
-            row = {"loss": float(m["loss"]), "ce": float(m["ce"]), "kl": float(m["kl"]),
-                   "grad_norm": float(m["grad_norm"]), "tokens_per_s": tok_s, "mfu": mfu,
-                   "skipped_steps": int(jax.device_get(state["skipped_steps"])) if s + 1 == step else None}
-            writer.write(s + 1, {k: v for k, v in row.items() if v is not None}, kind="train")
-            progress.update(s + 1, loss=row["loss"], tok_s=tok_s, mfu=mfu)
-            tokens_since, t_window = 0, time.time()
+        drain()
       log_state["train_seconds"] += time.time() - t
       if cfg.eval.every and step % int(cfg.eval.every) == 0 and step % interval:
         run_eval(step, state["params"])
       if step % int(cfg.checkpoint.every) == 0 and step < total_steps:
-        save(step)
-      if preemption.requested:
-        save(step, force=True)
-        manager.wait_until_finished()
+        drain()  # the checkpoint and metrics.jsonl then agree on what happened up to `step`
+        if log_state["consecutive_skips"]:
+          _log.warning("not saving the checkpoint of step %d: the last %d steps were non-finite.", step,
+                       log_state["consecutive_skips"])
+        else:
+          save(step)
+      if preemption.should_stop(step):
+        drain()
+        if ckpt.latest_step() != step:
+          save(step, force=True)
+        ckpt.wait()
         _log.warning("checkpoint of step %d saved after SIGTERM; exiting. Rerun the same command to resume.", step)
         progress.close()
         writer.close()
+        ckpt.close()
         return {"status": "preempted", "step": step}
-  progress.close()
+    drain()
+    progress.close()
 
-  final_losses = run_eval(total_steps, state["params"])
-  if manager.latest_step() != total_steps:
-    save(total_steps, force=True)
-  manager.wait_until_finished()
+    if log_state.get("final_student_losses") is None:
+      final_losses = run_eval(total_steps, state["params"])
+      log_state["final_student_losses"] = [float(x) for x in final_losses]
+      if ckpt.latest_step() != total_steps:
+        save(total_steps, force=True)
+    else:
+      _log.info("%s already finished at step %d; writing its report again.", workdir, total_steps)
+    ckpt.wait()
+  except BaseException:
+    progress.close()
+    writer.close()
+    ckpt.close(quiet=True)  # lets an in-flight save of a good step finish
+    raise
   summary = {
       "status": "done", "step": total_steps, "mode": mode, "domains": names,
       "student_initial": log_state["initial_student_losses"],
-      "student_final": [float(x) for x in final_losses],
+      "student_final": log_state["final_student_losses"],
       "teacher": None if controller.teacher_losses is None else [float(x) for x in controller.teacher_losses],
       "weights": controller.weights.tolist(),
+      "skipped_steps": skipped_total,
       "eval_seconds": log_state["eval_seconds"],
       "wall_seconds": time.time() - t_start,
   }
   if is_main:
     reporting.write_report(workdir, summary, controller.history, cfg)
   writer.close()
-  manager.close()
+  ckpt.close()
   return summary

@@ -153,11 +153,22 @@ def test_qwen_sized_vocab_forward_and_grad():
   assert_close(g[1], g0[1], 1e-5)
 
 
+def test_argument_errors():
+  c = make_case(seed=1)
+  with pytest.raises(ValueError, match="both"):
+    chunked_loss.chunked_kd_token_losses(c["hs"], c["ws"], c["ht"], None, c["targets"], c["mask"],
+                                         temperature=1.0)
+  with pytest.raises(ValueError, match="vocab"):
+    chunked_loss.chunked_kd_loss_sum(c["hs"], c["ws"], c["ht"], c["wt"][:, :-1], c["targets"],
+                                     c["mask"], temperature=1.0, gamma=1.0)
+
+
 def test_default_chunk_size():
-  assert chunked_loss.default_chunk_size(32_000) == 2048
-  assert chunked_loss.default_chunk_size(32_768) == 2048
+  assert chunked_loss.default_chunk_size(32_000) == 1024
+  assert chunked_loss.default_chunk_size(32_768) == 1024
   assert chunked_loss.default_chunk_size(151_936) == 256
-  assert chunked_loss.default_chunk_size(8_192) == 8192
+  assert chunked_loss.default_chunk_size(8_192) == 4096
+  assert chunked_loss.default_chunk_size(256) == 8192
   assert chunked_loss.default_chunk_size(10**7) == 256
 
 

@@ -10,8 +10,10 @@ a 400-token BPE tokenizer, seq_len 32, batch 8, 1-layer student, 2-layer teacher
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -98,15 +100,40 @@ def write_config_file(path: str, assets: str, **overrides: Any) -> str:
 # ---- running `python -m ddk_jax.main` in a subprocess ---------------------------------------
 
 
-def env_for(num_devices: int = 1, **extra: str) -> dict:
-  """The environment of a training subprocess: CPU, `num_devices` emulated devices."""
+def env_for(num_devices: int = 1, cache_dir: str | None = None, **extra: str) -> dict:
+  """The environment of a training subprocess: CPU, `num_devices` emulated devices, and
+  optionally a persistent compilation cache shared by the runs of a test."""
+  # The device count goes through jax_num_cpu_devices, as in tests/conftest.py, so that
+  # XLA_FLAGS (part of the compilation cache key) match the in-process runs'.
   flags = os.environ.get("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
   flags = " ".join(f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count"))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-             XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={num_devices}".strip())
-  env.pop("JAX_NUM_CPU_DEVICES", None)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS=flags, JAX_NUM_CPU_DEVICES=str(num_devices))
+  if cache_dir:
+    env.update(JAX_COMPILATION_CACHE_DIR=os.fspath(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   env.update(extra)
   return env
+
+
+@contextlib.contextmanager
+def compilation_cache(cache_dir: str):
+  """A persistent compilation cache for in-process runs: repeated `trainer.train` calls
+  (new closures, same programs) load their executables instead of recompiling."""
+  import jax
+  from jax._src import compilation_cache as cc
+
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes")
+  old = {k: getattr(jax.config, k) for k in keys}
+  for k, v in zip(keys, (os.fspath(cache_dir), 0, 0)):
+    jax.config.update(k, v)
+  cc.reset_cache()
+  try:
+    yield
+  finally:
+    for k, v in old.items():
+      jax.config.update(k, v)
+    cc.reset_cache()
 
 
 def main_command(config_path: str, workdir: str, *flags: str) -> list[str]:
@@ -115,9 +142,9 @@ def main_command(config_path: str, workdir: str, *flags: str) -> list[str]:
 
 def start(config_path: str, workdir: str, *flags: str, env: dict | None = None,
           log_path: str | None = None) -> subprocess.Popen:
-  log = open(log_path or os.path.join(os.fspath(workdir) + ".log"), "ab")
-  return subprocess.Popen(main_command(config_path, workdir, *flags), cwd=REPO, env=env or env_for(),
-                          stdout=log, stderr=subprocess.STDOUT)
+  with open(log_path or os.fspath(workdir) + ".log", "ab") as log:  # the child keeps its own handle
+    return subprocess.Popen(main_command(config_path, workdir, *flags), cwd=REPO, env=env or env_for(),
+                            stdout=log, stderr=subprocess.STDOUT)
 
 
 def run(config_path: str, workdir: str, *flags: str, env: dict | None = None, timeout: float = 240
@@ -152,5 +179,97 @@ def wait_for_train_step(workdir: str, step: int, proc: subprocess.Popen, timeout
       return
     if proc.poll() is not None:
       raise AssertionError(f"the run exited with {proc.returncode} before step {step}")
-    time.sleep(0.05)
+    time.sleep(0.005)
   raise AssertionError(f"no train row for step {step} after {timeout} s")
+
+
+# ---- reading a run back ---------------------------------------------------------------------
+
+# Row fields that measure time, not what was computed.
+TIMING_FIELDS = ("time", "tokens_per_s", "mfu")
+
+
+def comparable_metrics(workdir: str) -> list[dict]:
+  """metrics.jsonl without its timing fields, in file order."""
+  return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in metrics(workdir)]
+
+
+def read_checkpoint(workdir: str, step: int) -> tuple[dict, dict]:
+  """(state as a numpy tree, meta dict) of one checkpoint step, read with plain orbax."""
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+
+  root = os.path.join(os.fspath(workdir), "checkpoints", str(step))
+  ckptr = ocp.PyTreeCheckpointer()
+  tree = ckptr.metadata(os.path.join(root, "state")).item_metadata.tree
+  state = ckptr.restore(os.path.join(root, "state"),
+                        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+  with open(os.path.join(root, "meta", "metadata")) as f:
+    meta = json.load(f)
+  return state, meta
+
+
+def committed_steps(workdir: str) -> list[int]:
+  d = os.path.join(os.fspath(workdir), "checkpoints")
+  return sorted(int(n) for n in os.listdir(d)
+                if n.isdigit() and os.path.exists(os.path.join(d, n, "commit_success.txt")))
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+  """Bit-identical trees (params, optimizer state, counters)."""
+  import jax
+  import numpy as np
+
+  la, ta = jax.tree_util.tree_flatten_with_path(a)
+  lb, tb = jax.tree_util.tree_flatten_with_path(b)
+  assert ta == tb, "different tree structures"
+  for (path, x), (_, y) in zip(la, lb):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape, path
+    assert x.tobytes() == y.tobytes(), f"{jax.tree_util.keystr(path)} differs"
+
+
+def copy_run(src: str, dst: str, *, keep_steps: list[int] | None = None) -> str:
+  """A copy of a run directory, optionally with only some checkpoint steps."""
+  shutil.copytree(src, dst)
+  if keep_steps is not None:
+    d = os.path.join(dst, "checkpoints")
+    for n in os.listdir(d):
+      if n.isdigit() and int(n) not in keep_steps:
+        shutil.rmtree(os.path.join(d, n))
+  return dst
+
+
+# ---- one reference run shared by the in-process checkpoint and fault tests -----------------
+
+# 8 steps on the emulated 8-device mesh (data x fsdp x tensor = 2 x 2 x 2); DDK updates at
+# steps 0, 3, 6; checkpoints every 2 steps (all kept).
+REFERENCE = {"steps": 8, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+             "checkpoint.every": 2, "ddk.interval": 3}
+
+
+def shared_root(tmp_path_factory) -> str:
+  """A directory shared by the test modules of one pytest session."""
+  root = os.path.join(os.fspath(tmp_path_factory.getbasetemp()), "ddk_shared")
+  os.makedirs(root, exist_ok=True)
+  return root
+
+
+def shared_assets(root: str) -> str:
+  assets = os.path.join(root, "assets")
+  if not os.path.exists(os.path.join(assets, "assets.json")):
+    make_assets(assets)
+  return assets
+
+
+def reference_run(root: str, assets: str) -> str:
+  """The uninterrupted REFERENCE run (made once per session, in-process)."""
+  from ddk_jax import trainer
+
+  workdir = os.path.join(root, "reference")
+  if not os.path.exists(os.path.join(workdir, "summary.json")):
+    if os.path.exists(workdir):
+      shutil.rmtree(workdir)
+    trainer.train(tiny_config(assets, **REFERENCE), workdir)
+  return workdir
