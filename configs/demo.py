@@ -21,23 +21,23 @@ def get_config():
   c = base_config()
   c.mode = "ddk"
   c.seed = 0
-  c.steps = 240
+  c.steps = 250
   c.global_batch_size = 16
-  c.data = demo_data_config(CORPUS_DIR, seq_len=256)
+  c.data = demo_data_config(CORPUS_DIR, seq_len=128)
 
-  # Teacher: 4 x 256, pre-trained from scratch on the corpus (cached in <workdir>/teacher).
+  # Teacher: 3 x 192, pre-trained from scratch on the corpus (cached in <workdir>/teacher).
   c.teacher.source = "workdir"
   c.teacher.path = "teacher"
-  c.teacher.pretrain_steps = 300
+  c.teacher.pretrain_steps = 400
   c.teacher.pretrain_learning_rate = 2e-3
-  c.teacher.model = model_section(vocab_size=4096, hidden_size=256, intermediate_size=688, num_layers=4,
+  c.teacher.model = model_section(vocab_size=4096, hidden_size=192, intermediate_size=512, num_layers=3,
                                   num_heads=4, num_kv_heads=4, param_dtype="float32", compute_dtype="float32")
-  # Student: 2 x 128, a short pre-training gives the "base" model that DDK continues.
+  # Student: 2 x 96, a short pre-training gives the "base" model that DDK continues.
   c.student.source = "workdir"
   c.student.path = "student_base"
   c.student.pretrain_steps = 60
   c.student.pretrain_learning_rate = 2e-3
-  c.student.model = model_section(vocab_size=4096, hidden_size=128, intermediate_size=344, num_layers=2,
+  c.student.model = model_section(vocab_size=4096, hidden_size=96, intermediate_size=256, num_layers=2,
                                   num_heads=4, num_kv_heads=2, param_dtype="float32", compute_dtype="float32")
 
   c.optimizer.learning_rate = 1e-3
@@ -46,10 +46,10 @@ def get_config():
 
   c.loss.gamma = 1.0
   c.loss.temperature = 1.0
-  c.ddk.interval = 40  # K, scaled from the paper's 1000 to a 240-step run
+  c.ddk.interval = 50  # K, scaled from the paper's 1000 to a 250-step run
   c.ddk.alpha = 0.5
   c.ddk.eval_batch_size = 16
 
-  c.checkpoint.every = 80
+  c.checkpoint.every = 125
   c.logging.every = 10
   return c

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddk_jax.model import ModelConfig
+from ddk_jax.model import ModelConfig, resolve_compute_dtype
 
 # Dense bf16 peaks per chip, used when the device kind is recognised.
 # H100: the measured peak on the reference machine (see DESIGN.md), not the datasheet.
@@ -76,7 +76,8 @@ def measured_matmul_peak(dtype: str = "float32", n: int = 1024, repeats: int = 5
 
 
 def peak_flops_per_device(compute_dtype: str) -> tuple[float, str]:
-  """(peak FLOP/s of one device, how it was obtained)."""
+  """(peak FLOP/s of one device, how it was obtained); `compute_dtype` may be "auto"."""
+  compute_dtype = resolve_compute_dtype(compute_dtype, jax.devices()[0].platform)
   kind = jax.devices()[0].device_kind
   for name, tflops in KNOWN_PEAKS_TFLOPS.items():
     if name.lower() in kind.lower():

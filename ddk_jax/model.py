@@ -21,6 +21,29 @@ from ddk_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
 REMAT_POLICIES = ("none", "full", "dots")
+# compute_dtype "auto": the matmul input dtype that is fastest on the platform the model
+# runs on (see resolve_compute_dtype and docs/performance.md).
+AUTO = "auto"
+AUTO_COMPUTE_DTYPES = {"cpu": "float32"}  # every other platform (gpu, tpu, ...): bfloat16
+
+
+def resolve_compute_dtype(compute_dtype: str, platform: str | None = None) -> str:
+  """The dtype name `compute_dtype` stands for on `platform` (default: JAX's default backend).
+
+  `"auto"` is bfloat16 (fp32 accumulation) on GPU/TPU, whose matrix units run bf16 several
+  times faster than fp32, and float32 on CPU: without AVX512-BF16/AMX (the development
+  machine) XLA's bf16 matmuls are no faster than fp32 ones and the converts around them
+  cost extra, so fp32 compute is the faster choice there.  Other names pass through.
+  """
+  if compute_dtype != AUTO:
+    return compute_dtype
+  platform = platform or jax.default_backend()
+  return AUTO_COMPUTE_DTYPES.get(platform, "bfloat16")
+
+
+def compute_dtype_of(cfg: "ModelConfig"):
+  """The jnp dtype the model's matmul inputs and activations use (resolves "auto")."""
+  return DTYPES[resolve_compute_dtype(cfg.compute_dtype)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +64,10 @@ class ModelConfig:
   max_position_embeddings: int = 4096
   initializer_range: float = 0.02
   param_dtype: str = "float32"
-  compute_dtype: str = "float32"
+  compute_dtype: str = "float32"  # or "auto": bfloat16 on GPU/TPU, float32 on CPU
   remat: str = "none"  # none | full | dots
   scan_layers: bool = True
-  attention_impl: str = ""  # "": let JAX pick (cuDNN on GPU where it applies); "xla" | "cudnn"
+  attention_impl: str = ""  # "": per platform (einsum on CPU, jax.nn.dot_product_attention elsewhere); "einsum" | "xla" | "cudnn"
 
   @property
   def resolved_head_dim(self) -> int:
@@ -79,9 +102,12 @@ class ModelConfig:
       bad("head_dim", f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; set head_dim explicitly")
     if self.resolved_head_dim % 2:
       bad("head_dim", f"RoPE needs an even head dim, got {self.resolved_head_dim}")
-    for key in ("param_dtype", "compute_dtype"):
-      if getattr(self, key) not in DTYPES:
-        bad(key, f"{getattr(self, key)!r} is not one of {sorted(DTYPES)}")
+    if self.param_dtype not in DTYPES:
+      bad("param_dtype", f"{self.param_dtype!r} is not one of {sorted(DTYPES)}")
+    if self.compute_dtype not in DTYPES and self.compute_dtype != AUTO:
+      bad("compute_dtype", f"{self.compute_dtype!r} is not one of {sorted(DTYPES) + [AUTO]}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      bad("attention_impl", f"{self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
     if self.remat not in REMAT_POLICIES:
       bad("remat", f"{self.remat!r} is not one of {REMAT_POLICIES}")
     rope.inverse_frequencies(self.resolved_head_dim, self.rope_theta, self.rope_scaling)
@@ -179,33 +205,55 @@ def attention_mask(segment_ids: jax.Array, sliding_window: int) -> jax.Array:
   return (same & causal[None])[:, None]
 
 
-def _einsum_attention(q, k, v, mask):
-  """Masked attention as two einsums over KV-head groups (GQA without repeating K/V).
+ATTENTION_IMPLS = ("", "einsum", "xla", "cudnn")
+_ATTENTION_BLOCK = 128  # query rows per block of the einsum attention (see below)
 
-  On CPU this beats `jax.nn.dot_product_attention`'s XLA path; softmax statistics are
-  fp32 (or the input precision when higher).
+
+def _einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Masked softmax attention as plain batched matmuls, skipping key blocks causality masks.
+
+  q [B, S, N, D], k/v [B, S, K, D] (GQA: N = K * G), mask [B, 1, S, S] (causal, same
+  segment, optional window).  Heads are moved in front once so both matmuls are
+  canonical batched GEMMs; scores, softmax and the matmuls run in fp32 (bf16 inputs are
+  upcast: on CPU bf16 batched matmuls are slower than fp32 ones; float64 stays float64).
+  The queries are cut into blocks of ~128 rows and block i only meets the keys up to its
+  last row: every later key is masked by causality, so this is exact, and at S = 256 it
+  does 3/4 of the full S x S work (S = 2048: 36/64).
   """
   b, s, n, d = q.shape
   kh = k.shape[2]
-  dt = q.dtype
-  acc = jnp.promote_types(dt, jnp.float32)
-  q, k, v = q.astype(acc), k.astype(acc), v.astype(acc)
-  qg = (q * jnp.asarray(d ** -0.5, acc)).reshape(b, s, kh, n // kh, d)
-  scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=acc)
-  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(acc).min)
-  probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=acc)
-  return out.reshape(b, s, n, d).astype(dt)
+  g = n // kh
+  out_dtype = q.dtype
+  ct = jnp.promote_types(q.dtype, jnp.float32)
+  q = (q.astype(ct) * jnp.asarray(d ** -0.5, ct)).reshape(b, s, kh, g, d).transpose(0, 2, 3, 1, 4)
+  k = k.astype(ct).transpose(0, 2, 1, 3)  # [B, K, S, D]
+  v = v.astype(ct).transpose(0, 2, 1, 3)
+  mask = mask[:, :, None]  # [B, 1, 1, S, S]
+  num_blocks = max(1, min(8, s // _ATTENTION_BLOCK))
+  bounds = [i * s // num_blocks for i in range(num_blocks + 1)]
+  outs = []
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    scores = jnp.einsum("bkgqd,bksd->bkgqs", q[:, :, :, lo:hi], k[:, :, :hi], preferred_element_type=ct)
+    scores = jnp.where(mask[..., lo:hi, :hi], scores, jnp.finfo(ct).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    outs.append(jnp.einsum("bkgqs,bksd->bkgqd", probs, v[:, :, :hi], preferred_element_type=ct))
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # [B, K, G, S, D]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, s, n, d).astype(out_dtype)
 
 
-def attention(q, k, v, mask, impl: str = ""):
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "") -> jax.Array:
+  """Causal (packed-segment) attention; `impl` is ModelConfig.attention_impl.
+
+  "" picks per platform: the einsum attention above on CPU (fastest there), else
+  `jax.nn.dot_product_attention` (cuDNN on GPU where it applies, XLA otherwise).
+  """
   if impl == "einsum" or (impl == "" and jax.default_backend() == "cpu"):
     return _einsum_attention(q, k, v, mask)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl or None)
 
 
 def _layer(cfg: ModelConfig, inv_freq, x, p, positions, mask):
-  dt = DTYPES[cfg.compute_dtype]
+  dt = compute_dtype_of(cfg)
   h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
   q = _dot("bsh,hnd->bsnd", h, p["wq"], dt)
   k = _dot("bsh,hkd->bskd", h, p["wk"], dt)
@@ -229,7 +277,7 @@ def _layer(cfg: ModelConfig, inv_freq, x, p, positions, mask):
 def apply_hidden(params: Mapping[str, Any], cfg: ModelConfig, inputs: jax.Array, positions: jax.Array,
                  segment_ids: jax.Array) -> jax.Array:
   """Final hidden states [B, S, H] (after the final RMSNorm), in the compute dtype."""
-  dt = DTYPES[cfg.compute_dtype]
+  dt = compute_dtype_of(cfg)
   inv_freq = rope.inverse_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
   # Gather from a table replicated over the vocab axis: a gather from a vocab-sharded
   # table has no efficient SPMD partitioning (XLA would replicate it anyway, noisily).
