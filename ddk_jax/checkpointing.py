@@ -161,7 +161,7 @@ class _FrozenIteratorState(grain.DatasetIterator):
     return self._state
 
   def set_state(self, state):
-    raise NotImplementedError
+    raise TypeError("a saved data-state snapshot is write-only; restore into the live data iterator instead")
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any, meta: dict,
