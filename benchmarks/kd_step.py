@@ -67,12 +67,15 @@ PRESETS = {
     # weights), vocab 32000, seq 2048.  PyTorch sides are off by default there.
     "gpu_tinyllama": dict(teacher=(32, 4096, 32, 32, 128, 11008), student=(22, 2048, 32, 4, 64, 5632),
                           vocab=32000, seq=2048, batch=8, warmup=3, steps=5, rounds=2,
-                          impls="jax_bf16", remat="dots", same_init=False),
+                          impls="jax_auto", remat="dots", same_init=False),
 }
-ALL_IMPLS = ("jax_bf16", "jax_f32", "torch_fp32", "torch_bf16")
-LABELS = {"jax_bf16": ("ddk_jax", "bf16 (fp32 params)"), "jax_f32": ("ddk_jax", "fp32"),
+ALL_IMPLS = ("jax_auto", "jax_bf16", "jax_f32", "torch_fp32", "torch_bf16")
+DEFAULT_IMPLS = "jax_auto,jax_bf16,torch_fp32,torch_bf16"
+LABELS = {"jax_auto": ("ddk_jax", "auto"), "jax_bf16": ("ddk_jax", "bf16 compute"), "jax_f32": ("ddk_jax", "fp32"),
           "torch_fp32": ("torch eager", "fp32"), "torch_bf16": ("torch eager", "bf16 autocast")}
-COMPUTE = {"jax_bf16": "bfloat16", "jax_f32": "float32", "torch_fp32": "float32", "torch_bf16": "bfloat16"}
+# Dtype the matmuls run in ("auto" is resolved on the platform at run time).
+COMPUTE = {"jax_auto": "auto", "jax_bf16": "bfloat16", "jax_f32": "float32", "torch_fp32": "float32",
+           "torch_bf16": "bfloat16"}
 
 
 def parse_args(argv=None):
@@ -121,7 +124,7 @@ def parse_args(argv=None):
     args.remat = preset.get("remat", "none")
   if args.same_init is None:
     args.same_init = int(preset.get("same_init", True))
-  args.impls = (args.impls or preset.get("impls") or ",".join(ALL_IMPLS)).split(",")
+  args.impls = (args.impls or preset.get("impls") or DEFAULT_IMPLS).split(",")
   for impl in args.impls:
     if impl not in ALL_IMPLS:
       p.error(f"--impls: {impl!r} is not one of {ALL_IMPLS}")
@@ -149,10 +152,10 @@ def model_configs(args, compute: str):
               remat=args.remat if who == "student" else "none", attention_impl=args.attention_impl)
     if args.scan_layers is not None:
       kw["scan_layers"] = bool(args.scan_layers)
-    if compute == "bfloat16":  # the mixed-precision setting of the issue (part 4)
-      kw.update(param_dtype="bfloat16" if who == "teacher" else "float32", compute_dtype="bfloat16")
-    else:
+    if compute == "float32":  # everything fp32
       kw.update(param_dtype="float32", compute_dtype="float32")
+    else:  # mixed precision (issue part 4): bf16 teacher params, fp32 student params
+      kw.update(param_dtype="bfloat16" if who == "teacher" else "float32", compute_dtype=compute)
     out[who] = ModelConfig(**kw)
   return out["teacher"], out["student"]
 
@@ -326,18 +329,22 @@ def main(argv=None) -> dict:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
   import jax
   from ddk_jax import flops
+  from ddk_jax.model import resolve_compute_dtype
 
   platform_name = jax.devices()[0].platform
   on_cpu = platform_name == "cpu"
-  if on_cpu:
+  compute = {impl: resolve_compute_dtype(COMPUTE[impl], platform_name) for impl in args.impls}
+  if any(i.startswith("torch") for i in args.impls):
     import torch
-    torch.set_num_threads(os.cpu_count())
+    if on_cpu:
+      torch.set_num_threads(os.cpu_count())
   teacher_cfg, student_cfg = model_configs(args, "bfloat16")
   tokens = args.batch * args.seq
   step_flops = flops.kd_step_flops(student_cfg, teacher_cfg, tokens, args.seq)
 
-  print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"JAX {jax.__version__} on {jax.devices()[0].device_kind}")
+  threads = f", torch threads {torch.get_num_threads()}" if any(i.startswith("torch") for i in args.impls) else ""
+  print(f"machine: {_cpu_model()}, {os.cpu_count()} cores{threads}; JAX {jax.__version__} on "
+        f"{jax.devices()[0].device_kind}")
   for who, cfg in (("teacher", teacher_cfg), ("student", student_cfg)):
     print(f"{who}: {cfg.num_layers} layers x {cfg.hidden_size} hidden, {cfg.num_heads} heads / {cfg.num_kv_heads} kv "
           f"x {cfg.resolved_head_dim}, intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size}, "
@@ -386,9 +393,10 @@ def main(argv=None) -> dict:
   rows = []
   for impl in args.impls:
     med = statistics.median(times[impl])
-    rows.append(dict(impl=impl, name=LABELS[impl][0], dtype=LABELS[impl][1], step_ms=med * 1e3,
+    label = LABELS[impl][1] + (f" = {_short(compute[impl])}" if COMPUTE[impl] == "auto" else "")
+    rows.append(dict(impl=impl, name=LABELS[impl][0], dtype=label, step_ms=med * 1e3,
                      min_ms=min(times[impl]) * 1e3, tokens_per_s=tokens / med,
-                     mfu=step_flops / med / peak[COMPUTE[impl]], peak_dtype=COMPUTE[impl],
+                     mfu=step_flops / med / peak[compute[impl]], peak_dtype=compute[impl],
                      first_loss=runners[impl].first_loss))
   by = {r["impl"]: r for r in rows}
 
@@ -410,8 +418,18 @@ def main(argv=None) -> dict:
       line += f" {r[f'vs_{c}']:>12.2f}x |"
     line += f" {r['first_loss']:>10.4f} |"
     print(line)
-  print(f"MFU: model FLOPs / (median step time x matmul peak of the dtype the matmuls run in: "
+  print("MFU: model FLOPs / (median step time x matmul peak of the dtype the matmuls run in: "
         f"{'f32' if on_cpu else 'measured f32'} for fp32 rows, bf16 for bf16 rows).")
+  # The same ratios from step times taken close together (median over rounds of the ratio of
+  # the round's medians): less sensitive to load that changes during the run.
+  for c in ratio_cols:
+    paired = {}
+    for impl in args.impls:
+      per_round = [statistics.median(times[c][i:i + args.steps]) / statistics.median(times[impl][i:i + args.steps])
+                   for i in range(0, len(times[impl]), args.steps)]
+      paired[impl] = statistics.median(per_round)
+      by[impl][f"paired_vs_{c}"] = paired[impl]
+    print(f"paired per-round speed-up vs {c}: " + ", ".join(f"{k} {v:.2f}x" for k, v in paired.items()))
 
   result = dict(machine=dict(processor=_cpu_model(), cores=os.cpu_count(), device=jax.devices()[0].device_kind),
                 args={k: v for k, v in vars(args).items() if k != "shapes"}, shapes=args.shapes,
@@ -422,6 +440,10 @@ def main(argv=None) -> dict:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)
   return result
+
+
+def _short(dtype: str) -> str:
+  return {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, dtype)
 
 
 def _cpu_model() -> str:

@@ -36,7 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict()
   c.teacher.source = "random"
   c.teacher.path = ""
-  c.teacher.model = model_section(param_dtype="bfloat16", compute_dtype="bfloat16")
+  # compute_dtype 'auto': bf16 matmuls (fp32 accumulation) on GPU/TPU, fp32 on CPU, where
+  # it is the faster choice (docs/performance.md). The teacher is stored in bf16 everywhere.
+  c.teacher.model = model_section(param_dtype="bfloat16", compute_dtype="auto")
   # source='workdir' with pretrain_steps > 0: first pre-train this model from scratch
   # (mode cpt, this run's data) into `path` (relative: inside the workdir). The demo uses it.
   c.teacher.pretrain_steps = 0
@@ -44,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.student = ml_collections.ConfigDict()
   c.student.source = "random"
   c.student.path = ""
-  c.student.model = model_section()
+  c.student.model = model_section(compute_dtype="auto")  # fp32 params (and optimizer state)
   c.student.pretrain_steps = 0
   c.student.pretrain_learning_rate = 1e-3
 
