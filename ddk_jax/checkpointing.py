@@ -40,7 +40,8 @@ ITEMS = ("state", "data", "meta")
 # Keys that may change between a run and its resume without changing what is computed
 # up to the restored step (a prefix ends with '.').  `steps` stretches a cosine schedule
 # from the restored step on; that is the point of changing it, and it is logged.
-RESUMABLE_CHANGES = ("steps", "logging.", "eval.", "checkpoint.", "optimizer.max_consecutive_skips")
+RESUMABLE_CHANGES = ("steps", "logging.", "eval.", "checkpoint.", "optimizer.max_consecutive_skips",
+                     "compilation_cache_dir")
 
 _log = logging.getLogger("ddk_jax")
 

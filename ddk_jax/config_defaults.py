@@ -29,6 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.steps = 1000
   c.global_batch_size = 8  # sequences per optimizer step, over all hosts
+  # Persistent XLA compilation cache (the CLI turns it on): a restarted or resumed run, and
+  # a phase whose step another phase already compiled, loads executables instead of
+  # compiling again. Local path or gs://; "" turns it off.
+  c.compilation_cache_dir = "~/.cache/ddk_jax/xla"
 
   # Models. source: 'random' (initialised here), 'hf' (a local or gs:// Hugging Face
   # directory in `path`; its config.json defines the shape), 'workdir' (the student of a
@@ -87,6 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.ddk.update_at_start = True  # first update at step 0 from the measured gap
   # The static mixture of kd/cpt (and ddk before its first update) is data.domains[i].weight.
   c.ddk.eval_batch_size = 8  # validation rows per eval batch (global)
+  # Validation rows (of data.seq_len tokens) per domain the student and teacher are scored
+  # on, over all hosts; 0: the whole validation split. The same rows at every update.
+  c.ddk.eval_max_rows = 0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 0  # extra student validation every N steps (0: only at DDK updates and the end)

@@ -50,7 +50,7 @@ def validate_config(cfg: Any, num_devices: int) -> None:
   for key in ("steps", "global_batch_size", "ddk.interval", "ddk.eval_batch_size", "optimizer.grad_accum",
               "logging.every", "checkpoint.every", "checkpoint.keep", "data.seq_len"):
     _positive_int(cfg, key)
-  for key in ("eval.every", "optimizer.warmup_steps", "checkpoint.keep_period"):
+  for key in ("eval.every", "optimizer.warmup_steps", "checkpoint.keep_period", "ddk.eval_max_rows"):
     if int(_get(cfg, key)) < 0:
       raise ConfigError(f"{key}={_get(cfg, key)!r}: must be >= 0.")
   if not float(cfg.optimizer.learning_rate) > 0:

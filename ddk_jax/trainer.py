@@ -278,7 +278,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
   per_process_batch = int(cfg.global_batch_size) // jax.process_count()
   data_iter = data_lib.build_train_iterator(cfg.data, manifest=manifest, tokenizer=tokenizer)
   eval_rows = int(cfg.ddk.eval_batch_size) // jax.process_count()
-  validation = data_lib.build_validation(cfg.data, batch_size=eval_rows, manifest=manifest, tokenizer=tokenizer)
+  validation = data_lib.build_validation(cfg.data, batch_size=eval_rows, manifest=manifest, tokenizer=tokenizer,
+                                         max_rows=int(cfg.ddk.eval_max_rows))
 
   controller = MixtureController(names, mode, alpha=float(cfg.ddk.alpha), floor=float(cfg.ddk.floor),
                                  initial_weights=None if mode == "ddk_equal_sampling" else data_lib.initial_weights(cfg.data))
@@ -292,7 +293,11 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
              "mesh_shape": {k: int(v) for k, v in mesh.shape.items()}}
   total_steps = int(cfg.steps)
   start_step = 0
-  log_state: dict[str, Any] = {"eval_seconds": 0.0, "train_seconds": 0.0, "initial_student_losses": None,
+  # Kept in checkpoints, so the figures of a resumed run cover all its attempts. Wall time
+  # and validation time are split as the report shows them: the controller's own
+  # validation (teacher once, student at every update) vs the final and eval.every ones.
+  log_state: dict[str, Any] = {"eval_seconds": 0.0, "controller_eval_seconds": 0.0, "wall_seconds": 0.0,
+                               "train_seconds": 0.0, "initial_student_losses": None,
                                "final_student_losses": None, "metrics_bytes": 0, "consecutive_skips": 0}
 
   def check_resume(meta: dict) -> bool:
@@ -347,11 +352,17 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
   peak_total = peak * jax.device_count()
   _log.info("MFU denominator: %.1f TFLOP/s over %d devices (%s)", peak_total / 1e12, jax.device_count(), peak_source)
 
-  def run_eval(step: int, params) -> np.ndarray:
+  eval_batches = sum(v.num_batches for v in validation.values())
+
+  def run_eval(step: int, params, for_controller: bool = False) -> np.ndarray:
     drain()  # train rows of earlier steps first: metrics.jsonl is in step order however the run was cut
     t = time.time()
     losses, _ = evaluate(eval_student, params, validation, mesh, rules, names)
-    log_state["eval_seconds"] += time.time() - t
+    seconds = time.time() - t
+    log_state["eval_seconds"] += seconds
+    if for_controller:
+      log_state["controller_eval_seconds"] += seconds
+    _log.info("student validation at step %d: %d batches in %.1f s", step, eval_batches, seconds)
     writer.write(step, {f"val/{n}/ce": float(l) for n, l in zip(names, losses)}
                  | {f"val/{n}/ppl": float(np.exp(l)) for n, l in zip(names, losses)}, kind="eval")
     return losses
@@ -361,11 +372,17 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
     t = time.time()
     lt, _ = evaluate(eval_teacher, teacher_params, validation, mesh, rules, names)
     log_state["eval_seconds"] += time.time() - t
+    log_state["controller_eval_seconds"] += time.time() - t
+    _log.info("teacher validation: %d batches in %.1f s (once; cached in checkpoints)", eval_batches, time.time() - t)
     controller.set_teacher_losses(lt)
     writer.write(start_step, {f"val_teacher/{n}/ce": float(l) for n, l in zip(names, lt)}, kind="teacher_eval")
     _log.info("teacher validation CE: %s", dict(zip(names, np.round(lt, 4).tolist())))
 
+  wall_before = float(log_state.get("wall_seconds", 0.0))  # earlier attempts of a resumed run
+  wall_seconds = lambda: wall_before + time.time() - t_start
+
   def save(step: int, force: bool = False) -> None:
+    log_state["wall_seconds"] = wall_seconds()
     if is_main:  # metrics.jsonl is cut back to this length when the run resumes from this step
       log_state["metrics_bytes"] = os.path.getsize(os.path.join(workdir, "metrics.jsonl"))
     meta = {"controller": controller.state_dict(), "config": config_dict, "log_state": log_state,
@@ -377,7 +394,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
     ckpt.save(step, state, data_iter, meta, force=force)
 
   def ddk_update(step: int) -> None:
-    ls = run_eval(step, state["params"])
+    ls = run_eval(step, state["params"], for_controller=True)
     if log_state["initial_student_losses"] is None:
       log_state["initial_student_losses"] = [float(x) for x in ls]
     weights = controller.update(step, ls)
@@ -491,7 +508,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
       "weights": controller.weights.tolist(),
       "skipped_steps": skipped_total,
       "eval_seconds": log_state["eval_seconds"],
-      "wall_seconds": time.time() - t_start,
+      "controller_eval_seconds": log_state.get("controller_eval_seconds", 0.0),
+      "wall_seconds": wall_seconds(),
   }
   if is_main:
     reporting.write_report(workdir, summary, controller.history, cfg)

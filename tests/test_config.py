@@ -4,6 +4,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -69,6 +70,7 @@ def _demo(**overrides):
     ({"teacher.source": "hf", "teacher.pretrain_steps": 0, "teacher.path": ""}, 1, "teacher.path is empty"),
     ({"student.source": "random"}, 1, "student.pretrain_steps=60 needs student.source='workdir'"),
     ({"ddk.floor": 0.3}, 1, "ddk.floor"),
+    ({"ddk.eval_max_rows": -1}, 1, "ddk.eval_max_rows=-1: must be >= 0"),
 ])
 def test_config_errors_name_the_key(overrides, devices, message):
   with pytest.raises(ConfigError) as e:
@@ -93,3 +95,27 @@ def test_mesh_mismatch_fails_from_cli(tmp_path):
                         "--config.mesh.data=4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 2
   assert "mesh" in out.stderr and "devices" in out.stderr, out.stderr[-2000:]
+
+
+def test_compilation_cache_setting(tmp_path):
+  """The CLI's persistent compilation cache: on in the given directory (every compile is
+  cached), off with "", and a directory that cannot be created only warns."""
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  code = textwrap.dedent(f"""
+      import jax
+      from ddk_jax.main import enable_compilation_cache
+      assert enable_compilation_cache("") is None
+      assert enable_compilation_cache({str(blocker / "sub")!r}) is None
+      assert jax.config.jax_compilation_cache_dir in (None, "")
+      path = enable_compilation_cache({str(tmp_path / "cache")!r})
+      assert path == {str(tmp_path / "cache")!r} and jax.config.jax_compilation_cache_dir == path
+      assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
+      jax.jit(lambda x: x * 3 + 1)(jax.numpy.ones(4)).block_until_ready()
+      print("OK")
+  """)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
+  assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
+  assert "cannot be created" in out.stderr and "compilation_cache_dir" in out.stderr
+  assert os.listdir(tmp_path / "cache")  # the jitted function was written to the cache

@@ -202,6 +202,37 @@ def test_validation_batches(corpus):
         _prepared_docs(cfg, manifest, name, "validation"))
 
 
+def test_validation_row_cap(corpus):
+  cfg, manifest, tok = corpus
+  full = [PL.build_validation(cfg, batch_size=2, process_index=p, process_count=2)
+          for p in range(2)]
+  for cap in (1, 2, 3, 5, 10_000):
+    capped = [PL.build_validation(cfg, batch_size=2, process_index=p,
+                                  process_count=2, max_rows=cap)
+              for p in range(2)]
+    for name in ("short", "long"):
+      f, c = [v[name] for v in full], [v[name] for v in capped]
+      available = len(f[0].rows) + len(f[1].rows)
+      assert len(c[0].rows) + len(c[1].rows) == min(cap, available)
+      assert abs(len(c[0].rows) - len(c[1].rows)) <= 1 or cap >= available
+      assert c[0].num_batches == c[1].num_batches  # collectives line up
+      for vf, vc in zip(f, c):
+        assert _eq_rows(vc.rows, vf.rows[:len(vc.rows)])  # a fixed prefix
+        n = sum(int((b["segment_ids"] > 0).sum()) for b in vc())
+        assert n == vc.num_target_tokens
+      assert c[0].global_num_target_tokens == sum(v.num_target_tokens for v in c)
+  with pytest.raises(ValueError, match=r"max_rows must be >= 0"):
+    PL.build_validation(cfg, batch_size=2, max_rows=-1)
+
+
+def test_split_row_cap():
+  assert PL._split_row_cap([5, 5], 4) == [2, 2]
+  assert PL._split_row_cap([5, 5], 3) == [2, 1]
+  assert PL._split_row_cap([1, 9], 6) == [1, 5]
+  assert PL._split_row_cap([2, 3], 100) == [2, 3]
+  assert PL._split_row_cap([0, 4, 4], 5) == [0, 3, 2]
+
+
 def test_pipeline_errors(corpus, tmp_path):
   cfg, manifest, tok = corpus
   bad = cfg.copy_and_resolve_references()

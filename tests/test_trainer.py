@@ -45,6 +45,24 @@ def test_ddk_run_writes_every_output(runs):
   report = open(os.path.join(workdir, "report.md")).read()
   for domain in tiny_run.DOMAINS:
     assert f"| {domain} |" in report
+  # The controller's validation (teacher once + 2 updates) is part of all validation
+  # (+ the final one), which is part of the wall time; the report gives the share.
+  assert 0 < summary["controller_eval_seconds"] < summary["eval_seconds"] < summary["wall_seconds"]
+  share = 100 * summary["controller_eval_seconds"] / summary["wall_seconds"]
+  assert f"controller's validation (teacher once, student at every update) " \
+         f"{summary['controller_eval_seconds']:.1f} s ({share:.1f}%)" in report
+
+
+def test_validation_row_cap(runs, assets, tmp_path):
+  """ddk.eval_max_rows=1: teacher and student are scored on each domain's first row only,
+  so both differ from the full-split losses of the same initial models."""
+  _, full = runs["ddk"]
+  capped = trainer.train(tiny_run.tiny_config(assets, mode="ddk", steps=3, **{"ddk.eval_max_rows": 1}),
+                         str(tmp_path / "capped"))
+  assert [r["step"] for r in _rows(str(tmp_path / "capped"), "eval")] == [0, 3]
+  for key in ("teacher", "student_initial"):
+    assert np.all(np.isfinite(capped[key]))
+    assert not np.allclose(capped[key], full[key]), key
 
 
 def test_ddk_weights_follow_the_controller_formula(runs):

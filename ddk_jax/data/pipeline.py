@@ -273,14 +273,40 @@ class ValidationBatches:
     return self()
 
 
+def _split_row_cap(row_counts: list[int], max_rows: int) -> list[int]:
+  """Rows each process keeps so the total is min(max_rows, all rows), spread
+  evenly: the cap is handed out one row per process at a time (water-filling)."""
+  kept = [0] * len(row_counts)
+  left = min(max_rows, sum(row_counts))
+  while left:
+    open_ = [p for p, n in enumerate(row_counts) if kept[p] < n]
+    share = max(1, left // len(open_))
+    for p in open_:
+      take = min(share, row_counts[p] - kept[p], left)
+      kept[p] += take
+      left -= take
+      if not left:
+        break
+  return kept
+
+
 def build_validation(data_cfg: Any, *, batch_size: int,
                      process_index: int | None = None,
                      process_count: int | None = None,
                      manifest: dict[str, Any] | None = None,
-                     tokenizer: Any = None) -> dict[str, ValidationBatches]:
-  """Per-domain validation batches for this process, in domain order."""
+                     tokenizer: Any = None,
+                     max_rows: int = 0) -> dict[str, ValidationBatches]:
+  """Per-domain validation batches for this process, in domain order.
+
+  `max_rows` > 0 keeps at most that many rows (of seq_len tokens) per domain
+  over all processes: the first ones of each process's shard, split as evenly
+  as the shards allow, so the subset is fixed for the whole run (DDK compares
+  the student with the teacher's cached losses on the same rows).
+  """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+  if max_rows < 0:
+    raise ValueError(f"max_rows must be >= 0 (0: every row), got {max_rows}.")
   cfg = with_defaults(data_cfg)
   specs = domain_specs(cfg)
   pi, pc = _process(process_index, process_count)
@@ -303,8 +329,14 @@ def build_validation(data_cfg: Any, *, batch_size: int,
           split="validation", seq_len=seq_len, process_index=pi,
           process_count=pc, shuffle=False, num_epochs=1))
     assert len(rows) == math.ceil(tokens[pi] / seq_len), (s.name, len(rows))
-    num_batches = max(math.ceil(math.ceil(t / seq_len) / batch_size)
-                      for t in tokens)
+    row_counts = [math.ceil(t / seq_len) for t in tokens]
+    if max_rows:
+      kept = _split_row_cap(row_counts, max_rows)
+      # Every row but a process's last is full, so a cut shard keeps full rows only.
+      tokens = [t if k == n else k * seq_len
+                for t, k, n in zip(tokens, kept, row_counts)]
+      rows, row_counts = rows[:kept[pi]], kept
+    num_batches = max(math.ceil(n / batch_size) for n in row_counts)
     out[s.name] = ValidationBatches(
         domain=s.name, domain_id=s.domain_id, batch_size=batch_size,
         seq_len=seq_len, rows=rows, num_batches=num_batches,
