@@ -320,6 +320,42 @@ class TorchRunner:
     return dt
 
 
+def model_shaped_matmul_flops(args, dtype: str) -> float:
+  """FLOP/s of the teacher's layer matmuls alone (q, k, v, o, gate, up, down for every
+  layer, [batch*seq, hidden] activations, fp32 accumulation), jitted back to back: what
+  the matmul library reaches at the shapes this step actually has, as opposed to the
+  square-matmul peak MFU divides by. No attention, norms or loss: an upper bound."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  layers, hidden, heads, kv, hd, inter = args.shapes["teacher"]
+  dt = jnp.dtype(dtype)
+  rng = np.random.default_rng(0)
+  mk = lambda *shape: jnp.asarray(rng.standard_normal(shape) * 0.02, dt)
+  x = mk(args.batch * args.seq, hidden)
+  w = dict(q=mk(hidden, heads * hd), k=mk(hidden, kv * hd), v=mk(hidden, kv * hd), o=mk(heads * hd, hidden),
+           gate=mk(hidden, inter), up=mk(hidden, inter), down=mk(inter, hidden))
+  mm = lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(dt)
+
+  @jax.jit
+  def chain(x, w):
+    for _ in range(layers):
+      q, k, v = mm(x, w["q"]), mm(x, w["k"]), mm(x, w["v"])
+      x = x + mm(q + jnp.tile(k + v, (1, heads // kv)), w["o"])
+      x = x + mm(mm(x, w["gate"]) * mm(x, w["up"]), w["down"])
+    return x
+
+  tokens = args.batch * args.seq
+  flop = layers * 2 * tokens * (hidden * (heads + 2 * kv) * hd + heads * hd * hidden + 3 * hidden * inter)
+  jax.block_until_ready(chain(x, w))
+  best = float("inf")
+  for _ in range(3):
+    t = time.perf_counter()
+    jax.block_until_ready(chain(x, w))
+    best = min(best, time.perf_counter() - t)
+  return flop / best
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -372,9 +408,13 @@ def main(argv=None) -> dict:
   peaks = {"float32": [], "bfloat16": []}
   peak_n = 1024 if on_cpu else 8192
 
+  shaped = {"float32": [], "bfloat16": []}
+
   def measure_peaks():
     for dt in peaks:
       peaks[dt].append(flops.time_matmul_peak(dt, n=peak_n, repeats=3))
+      if on_cpu:
+        shaped[dt].append(model_shaped_matmul_flops(args, dt))
 
   times = {impl: [] for impl in args.impls}
   order = list(args.impls)
@@ -403,6 +443,13 @@ def main(argv=None) -> dict:
   print()
   print(f"matmul peak (best of {len(peaks['float32'])} measurements): f32 {peak['float32'] / 1e9:.0f} GFLOP/s, "
         f"bf16 x bf16 -> f32 {peak['bfloat16'] / 1e9:.0f} GFLOP/s")
+  shaped_best = {dt: max(v) for dt, v in shaped.items() if v}
+  if shaped_best:
+    bound = {dt: tokens * shaped_best[dt] / step_flops for dt in shaped_best}
+    print(f"matmuls alone at the teacher's layer shapes: f32 {shaped_best['float32'] / 1e9:.0f} GFLOP/s "
+          f"({100 * shaped_best['float32'] / peak['float32']:.0f}% of peak), bf16 "
+          f"{shaped_best['bfloat16'] / 1e9:.0f} GFLOP/s; a step made of nothing but such matmuls would run "
+          f"{bound['float32']:.0f} tokens/s in f32, {bound['bfloat16']:.0f} in bf16")
   head = f"| {'impl':<12} | {'dtype':<18} | {'tokens/s':>8} | {'step ms':>8} | {'min ms':>7} | {'MFU':>5} |"
   ratio_cols = [c for c in ("torch_fp32", "torch_bf16") if c in by]
   for c in ratio_cols:
@@ -435,6 +482,7 @@ def main(argv=None) -> dict:
                 args={k: v for k, v in vars(args).items() if k != "shapes"}, shapes=args.shapes,
                 model_flops_per_step=step_flops, tokens_per_step=tokens,
                 peaks_flops={k: v for k, v in peak.items()}, peak_samples=peaks, rows=rows,
+                model_shaped_matmul_flops=shaped,
                 step_times_s=times)
   if args.json:
     with open(args.json, "w") as f:

@@ -243,13 +243,13 @@ def test_bf16_checkpoint(tmp_path):
 
 
 def test_mesh_import_matches_single_device(tmp_path):
-  """Placing directly onto an 8-device mesh gives the same values, with the rule-derived shardings."""
-  if jax.device_count() < 8:
-    pytest.skip("needs the 8 emulated CPU devices from conftest.py")
+  """Placing directly onto a mesh (fsdp 4 x tensor 2 on conftest's 8 emulated devices) gives
+  the same values, with the rule-derived shardings."""
   model = make_hf_model("qwen2_tied_bias")
   src = save(model, tmp_path / "src")
   single, cfg = load_hf_checkpoint(src, param_dtype="float32")
-  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+  tensor = 2 if jax.device_count() % 2 == 0 else 1
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": jax.device_count() // tensor, "tensor": tensor})
   rules = sharding_lib.DEFAULT_RULES
   sharded, cfg_mesh = load_hf_checkpoint(src, mesh=mesh, rules=rules, param_dtype="float32")
   assert cfg_mesh == cfg
@@ -258,18 +258,18 @@ def test_mesh_import_matches_single_device(tmp_path):
   assert isinstance(wq.sharding, NamedSharding)
   assert wq.sharding.spec == sharding_lib.logical_to_spec(("layers", "embed", "q_heads", "head_dim"), wq.shape,
                                                            mesh, rules)
-  assert len({str(s.index) for s in wq.addressable_shards}) == 8  # really split 4 x 2, not replicated
+  # Really split over every device, not replicated.
+  assert len({str(s.index) for s in wq.addressable_shards}) == jax.device_count()
   # Logits from the sharded params equal the single-device ones.
   ids = ids_for()
   np.testing.assert_allclose(our_logits(sharded, cfg, ids), our_logits(single, cfg, ids), rtol=1e-5, atol=1e-5)
 
 
 def test_export_gathers_sharded_params(tmp_path):
-  if jax.device_count() < 8:
-    pytest.skip("needs the 8 emulated CPU devices from conftest.py")
   model = make_hf_model("llama")
   src = save(model, tmp_path / "src")
-  mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  tensor = 2 if jax.device_count() % 2 == 0 else 1
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": jax.device_count() // tensor, "tensor": tensor})
   params, cfg = load_hf_checkpoint(src, mesh=mesh, param_dtype="float32")
   export_hf_checkpoint(params, cfg, tmp_path / "out", dtype="float32")
   for (n1, x1), (n2, x2) in zip(iter_hf_tensors(src), iter_hf_tensors(tmp_path / "out")):
