@@ -477,6 +477,17 @@ def main(argv=None) -> dict:
       paired[impl] = statistics.median(per_round)
       by[impl][f"paired_vs_{c}"] = paired[impl]
     print(f"paired per-round speed-up vs {c}: " + ", ".join(f"{k} {v:.2f}x" for k, v in paired.items()))
+  if on_cpu:
+    # MFU per round against the peak measured right before and after that round (the better
+    # of the two), median over rounds: the cores' speed drifts on a shared machine, and the
+    # run's single best peak sample can come from a fast moment no step saw.
+    for impl in args.impls:
+      samples = peaks[compute[impl]]
+      per_round = [step_flops / statistics.median(times[impl][i * args.steps:(i + 1) * args.steps])
+                   / max(samples[i], samples[i + 1]) for i in range(args.rounds)]
+      by[impl]["paired_mfu"] = statistics.median(per_round)
+    print("paired per-round MFU (peak measured next to the round): "
+          + ", ".join(f"{impl} {100 * by[impl]['paired_mfu']:.1f}%" for impl in args.impls))
 
   result = dict(machine=dict(processor=_cpu_model(), cores=os.cpu_count(), device=jax.devices()[0].device_kind),
                 args={k: v for k, v in vars(args).items() if k != "shapes"}, shapes=args.shapes,
