@@ -48,12 +48,12 @@ def get_config():
   c.loss.temperature = 1.0
   c.ddk.interval = 60  # K, scaled from the paper's 1000 to a 300-step run: 5 updates
   c.ddk.alpha = 0.5
-  # Validation per domain: 32 rows of 128 tokens, one eval batch. The paper scores 500
+  # Validation per domain: 24 rows of 128 tokens, one eval batch. The paper scores 500
   # samples per domain every K=1000 steps of 256 x 2048 tokens; scaled to K=60 steps of
-  # 16 x 128 tokens that would be under 2 rows, so 32 is generous, and the controller's
+  # 16 x 128 tokens that would be under 2 rows, so 24 is generous, and the controller's
   # validation stays under 5% of the DDK phase's wall time (report.md gives the figure).
-  c.ddk.eval_batch_size = 32
-  c.ddk.eval_max_rows = 32
+  c.ddk.eval_batch_size = 24
+  c.ddk.eval_max_rows = 24
 
   c.checkpoint.every = 150
   c.logging.every = 10
