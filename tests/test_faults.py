@@ -19,20 +19,15 @@ import tiny_run
 from ddk_jax import bootstrap, checkpointing, trainer
 from ddk_jax import train_step as ts
 
-REF = tiny_run.REFERENCE
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-  root = tiny_run.shared_root(tmp_path_factory)
-  with tiny_run.compilation_cache(os.path.join(root, "jax_cache")):
-    assets = tiny_run.shared_assets(root)
-    ref = tiny_run.reference_run(root, assets)
-    yield {"assets": assets, "ref": ref, "tmp": str(tmp_path_factory.mktemp("faults"))}
+  with tiny_run.reference_env(tmp_path_factory, "faults") as e:
+    yield e
 
 
-def _cfg(env, **overrides):
-  return tiny_run.tiny_config(env["assets"], **{**REF, **overrides})
+_cfg = tiny_run.reference_config
 
 
 def _assert_same_run(workdir, ref, step=8):

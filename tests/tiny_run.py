@@ -273,3 +273,19 @@ def reference_run(root: str, assets: str) -> str:
       shutil.rmtree(workdir)
     trainer.train(tiny_config(assets, **REFERENCE), workdir)
   return workdir
+
+
+@contextlib.contextmanager
+def reference_env(tmp_path_factory, name: str):
+  """A module's shared set-up for tests against the reference run: the shared assets, the
+  reference run itself, a scratch directory, all under one persistent compilation cache."""
+  root = shared_root(tmp_path_factory)
+  with compilation_cache(os.path.join(root, "jax_cache")):
+    assets = shared_assets(root)
+    ref = reference_run(root, assets)
+    yield {"assets": assets, "ref": ref, "tmp": str(tmp_path_factory.mktemp(name))}
+
+
+def reference_config(env: dict, **overrides):
+  """The reference run's config with `overrides` (dotted keys)."""
+  return tiny_config(env["assets"], **{**REFERENCE, **overrides})
