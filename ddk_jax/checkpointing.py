@@ -21,10 +21,12 @@ step that cannot be restored falls back to the previous good one.  See docs/reli
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +35,10 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from ddk_jax import model as model_lib
+from ddk_jax import train_step as ts
+from ddk_jax.model import ModelConfig
 
 FORMAT_VERSION = 1
 COMMIT_MARKER = "commit_success.txt"  # written by orbax just before the atomic rename
@@ -76,6 +82,11 @@ def make_manager(workdir: str, ckpt_cfg: Any, *, owner: bool = False, read_only:
       enable_async_checkpointing=bool(ckpt_cfg.async_save),
   )
   return ocp.CheckpointManager(directory, options=options)
+
+
+def open_reader(workdir: str) -> ocp.CheckpointManager:
+  """A manager that only reads `<workdir>/checkpoints` (export, evaluation, a teacher taken from a run)."""
+  return make_manager(workdir, types.SimpleNamespace(keep=1000, keep_period=0, async_save=False), read_only=True)
 
 
 # ---- finding usable steps ----------------------------------------------------------------
@@ -464,3 +475,36 @@ def runtime_changes(saved: dict | None, current: dict) -> list[str]:
     if saved.get(key) != current.get(key):
       out.append(f"{what} ({key}: {saved.get(key)} -> {current.get(key)})")
   return out
+
+
+def restore_student_params(workdir: str, mesh, rules, overrides: dict | None = None,
+                           step: int | None = None) -> tuple[ModelConfig, Any]:
+  """The student params of a finished (or running) ddk_jax run, e.g. as a teacher."""
+  step = latest_good_step(workdir) if step is None else step  # committed steps only
+  if step is None:
+    raise CheckpointError(f"{workdir} has no checkpoint to take a model from; train it first "
+                        f"(python -m ddk_jax.main --workdir={workdir} ...) or point at another workdir.")
+  manager = open_reader(workdir)
+  meta = restore_meta(manager, step)
+  saved = dict(meta["config"]["student"]["model"])
+  mcfg = ModelConfig.from_dict(saved)
+  stored_dtype = mcfg.param_dtype
+  if overrides:
+    mcfg = dataclasses.replace(mcfg, **{k: v for k, v in overrides.items() if k != "param_dtype"})
+  sh = ts.params_shardings(mcfg, mesh, rules)
+  shapes, _ = model_lib.param_shapes_and_axes(mcfg)
+  abstract = jax.tree.map(lambda s, shd: jax.ShapeDtypeStruct(s, model_lib.DTYPES[stored_dtype], sharding=shd),
+                          shapes, sh, is_leaf=lambda x: isinstance(x, tuple))
+  # Restore only the params subtree: the optimizer state is never read.
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          item={"params": abstract},
+          restore_args=jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), {"params": abstract}),
+          partial_restore=True)))
+  params = restored["state"]["params"]
+  if overrides and overrides.get("param_dtype") and overrides["param_dtype"] != stored_dtype:
+    dt = model_lib.DTYPES[overrides["param_dtype"]]
+    params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dt), p), out_shardings=sh)(params)
+    mcfg = dataclasses.replace(mcfg, param_dtype=overrides["param_dtype"])
+  manager.close()
+  return mcfg, params

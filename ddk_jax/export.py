@@ -39,7 +39,7 @@ def parse_size(text: str) -> int:
 def export_run(workdir: str, out: str, *, step: int | None = None, architecture: str | None = None,
                dtype: str = "bfloat16", max_shard_size_bytes: int = 5 * 2**30, tokenizer: str | None = None,
                overwrite: bool = False) -> str:
-  from ddk_jax import checkpointing, sharding, trainer
+  from ddk_jax import checkpointing, sharding
   from ddk_jax.data.tokenizer import load_tokenizer
   from ddk_jax.hf import export_hf_checkpoint
 
@@ -48,9 +48,8 @@ def export_run(workdir: str, out: str, *, step: int | None = None, architecture:
     raise FileNotFoundError(f"{workdir} has no checkpoints/ directory; pass the --workdir of a ddk_jax run.")
   mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
   rules = sharding.DEFAULT_RULES
-  cfg, params = trainer.restore_student_params(workdir, mesh, rules, step=step)
-  manager = checkpointing.make_manager(workdir, trainer.ml_collections.ConfigDict(
-      {"keep": 1000, "keep_period": 0, "async_save": False}))
+  cfg, params = checkpointing.restore_student_params(workdir, mesh, rules, step=step)
+  manager = checkpointing.open_reader(workdir)
   meta = checkpointing.restore_meta(manager, step if step is not None else manager.latest_step())
   manager.close()
   run_cfg = meta["config"]
@@ -69,7 +68,7 @@ def export_run(workdir: str, out: str, *, step: int | None = None, architecture:
 def _main(argv) -> None:
   del argv
   from ddk_jax import sharding
-  from ddk_jax.main import setup_logging
+  from ddk_jax.cli import setup_logging
   setup_logging()
   sharding.maybe_initialize_distributed()
   try:

@@ -28,6 +28,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from ddk_jax.cli import setup_logging
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, plots, report.md. "
@@ -37,13 +39,6 @@ EXIT_CONFIG, EXIT_NON_FINITE, EXIT_CHECKPOINT, EXIT_PREEMPTED = 2, 3, 4, 143
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False,
     "Resume even if keys that change the experiment (shapes, data, optimizer...) differ from the checkpoint's.")
-
-
-def setup_logging() -> None:
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
-                      stream=sys.stderr, force=True)
-  for noisy in ("absl", "jax._src", "orbax", "grain"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def enable_compilation_cache(cache_dir: str) -> str | None:

@@ -67,42 +67,8 @@ def _load_model(cfg: ml_collections.ConfigDict, which: str, mesh, rules, seed: i
                                          config_overrides=_run_time_overrides(section))
     return mcfg, params
   if section.source == "workdir":
-    return restore_student_params(section.path, mesh, rules, overrides=_run_time_overrides(section))
+    return checkpointing.restore_student_params(section.path, mesh, rules, overrides=_run_time_overrides(section))
   raise TrainingError(f"{which}.source={section.source!r} is not supported")
-
-
-def restore_student_params(workdir: str, mesh, rules, overrides: dict | None = None,
-                           step: int | None = None) -> tuple[ModelConfig, Any]:
-  """The student params of a finished (or running) ddk_jax run, e.g. as a teacher."""
-  step = checkpointing.latest_good_step(workdir) if step is None else step  # committed steps only
-  if step is None:
-    raise TrainingError(f"{workdir} has no checkpoint to take a model from; train it first "
-                        f"(python -m ddk_jax.main --workdir={workdir} ...) or point at another workdir.")
-  manager = checkpointing.make_manager(workdir, ml_collections.ConfigDict(
-      {"keep": 1000, "keep_period": 0, "async_save": False}), read_only=True)
-  meta = checkpointing.restore_meta(manager, step)
-  saved = dict(meta["config"]["student"]["model"])
-  mcfg = ModelConfig.from_dict(saved)
-  stored_dtype = mcfg.param_dtype
-  if overrides:
-    mcfg = dataclasses.replace(mcfg, **{k: v for k, v in overrides.items() if k != "param_dtype"})
-  sh = ts.params_shardings(mcfg, mesh, rules)
-  shapes, _ = model_lib.param_shapes_and_axes(mcfg)
-  abstract = jax.tree.map(lambda s, shd: jax.ShapeDtypeStruct(s, model_lib.DTYPES[stored_dtype], sharding=shd),
-                          shapes, sh, is_leaf=lambda x: isinstance(x, tuple))
-  # Restore only the params subtree: the optimizer state is never read.
-  restored = manager.restore(step, args=checkpointing.ocp.args.Composite(
-      state=checkpointing.ocp.args.PyTreeRestore(
-          item={"params": abstract},
-          restore_args=jax.tree.map(lambda a: checkpointing.ocp.ArrayRestoreArgs(sharding=a.sharding), {"params": abstract}),
-          partial_restore=True)))
-  params = restored["state"]["params"]
-  if overrides and overrides.get("param_dtype") and overrides["param_dtype"] != stored_dtype:
-    dt = model_lib.DTYPES[overrides["param_dtype"]]
-    params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dt), p), out_shardings=sh)(params)
-    mcfg = dataclasses.replace(mcfg, param_dtype=overrides["param_dtype"])
-  manager.close()
-  return mcfg, params
 
 
 def resolved_config_dict(cfg: ml_collections.ConfigDict) -> dict:
