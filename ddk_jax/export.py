@@ -67,10 +67,10 @@ def export_run(workdir: str, out: str, *, step: int | None = None, architecture:
 
 def _main(argv) -> None:
   del argv
-  from ddk_jax import sharding
+  from ddk_jax import multihost
   from ddk_jax.cli import setup_logging
   setup_logging()
-  sharding.maybe_initialize_distributed()
+  multihost.initialize_or_exit()
   try:
     out = export_run(_WORKDIR.value, _OUT.value, step=_STEP.value, architecture=_ARCH.value, dtype=_DTYPE.value,
                      max_shard_size_bytes=parse_size(_MAX_SHARD.value), tokenizer=_TOKENIZER.value,

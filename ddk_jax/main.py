@@ -70,8 +70,8 @@ def _main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; config overrides are written --config.<key>=<value>.")
   setup_logging()
-  from ddk_jax import sharding
-  sharding.maybe_initialize_distributed()
+  from ddk_jax import multihost
+  multihost.initialize_or_exit()
   from ddk_jax import bootstrap, checkpointing, config_validation, trainer
 
   cfg = _CONFIG.value

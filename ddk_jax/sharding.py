@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
@@ -39,23 +38,6 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 _log = logging.getLogger(__name__)
-
-
-def maybe_initialize_distributed() -> None:
-  """Calls jax.distributed.initialize when the environment describes a multi-host job.
-
-  Cloud TPU VMs (several workers), SLURM and explicit `DDK_COORDINATOR` settings are
-  detected; a single host does nothing.  Must run before any JAX computation.
-  """
-  if os.environ.get("DDK_COORDINATOR"):
-    jax.distributed.initialize(
-        coordinator_address=os.environ["DDK_COORDINATOR"],
-        num_processes=int(os.environ["DDK_NUM_PROCESSES"]),
-        process_id=int(os.environ["DDK_PROCESS_ID"]))
-    return
-  tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  if "," in tpu_hosts or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    jax.distributed.initialize()
 
 
 def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
