@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ddk_jax.data import demo_corpus  # pylint: disable=g-import-not-at-top
+from ddk_jax.demo import corpus as demo_corpus  # pylint: disable=g-import-not-at-top
 from ddk_jax.data import pipeline
 from ddk_jax.data import prepare
 

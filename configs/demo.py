@@ -12,7 +12,7 @@ Change `mode` to compare with the baselines (cpt, kd, ddk_no_smoothing, ddk_equa
 import os
 
 from ddk_jax.config_defaults import base_config, model_section
-from ddk_jax.data.demo_corpus import demo_data_config
+from ddk_jax.demo.corpus import demo_data_config
 
 CORPUS_DIR = os.environ.get("DDK_DEMO_CORPUS", os.path.join("runs", "demo_corpus"))
 

@@ -8,20 +8,37 @@ student base) this way; a finished pre-training is reused, an interrupted one re
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
 import ml_collections
 
+from ddk_jax.errors import TrainingError
+
 _log = logging.getLogger("ddk_jax")
 
 
-def resolve_model_path(cfg: ml_collections.ConfigDict, which: str, workdir: str) -> None:
+def _resolve_model_path(cfg: ml_collections.ConfigDict, which: str, workdir: str) -> None:
   section = cfg[which]
   if section.source == "workdir" and section.path and not os.path.isabs(section.path) \
       and not section.path.startswith("gs://"):
-    with cfg.unlocked():
-      section.path = os.path.join(os.path.abspath(workdir), section.path)
+    section.path = os.path.join(os.path.abspath(workdir), section.path)
+
+
+def _check_model_source(cfg: ml_collections.ConfigDict, which: str) -> None:
+  """Fails before any work when a model the run reads from disk is not there."""
+  from ddk_jax import checkpointing
+  section = cfg[which]
+  if section.source == "hf":
+    from ddk_jax import hf
+    hf.validate_checkpoint_dir(section.path)  # config.json + safetensors headers; errors name the file
+  elif (section.source == "workdir" and int(section.pretrain_steps) <= 0 and not str(section.path).startswith("gs://")
+        and checkpointing.latest_good_step(section.path) is None):
+    raise TrainingError(
+        f"{which}.source='workdir' but {which}.path={section.path!r} has no committed checkpoint to take the "
+        f"{which} from. Train that run first (python -m ddk_jax.main --workdir={section.path} ...), set "
+        f"{which}.pretrain_steps > 0 to pre-train it there, or point {which}.path at a finished run.")
 
 
 def _pretrain_config(cfg: ml_collections.ConfigDict, which: str) -> ml_collections.ConfigDict:
@@ -48,24 +65,25 @@ def _pretrain_config(cfg: ml_collections.ConfigDict, which: str) -> ml_collectio
   return pre
 
 
-def prepare_models(cfg: ml_collections.ConfigDict, workdir: str) -> str:
-  """Resolves paths, checks HF checkpoints exist, runs requested pre-training (teacher first).
+def prepare_models(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[ml_collections.ConfigDict, str]:
+  """Resolves model paths, checks the checkpoints the run reads, builds the demo corpus when
+  the config names one, and runs requested pre-training (teacher first).
 
-  Called before training so that a missing checkpoint file fails in the first seconds.
-  Returns "ready", or "preempted" when a SIGTERM stopped a pre-training (it resumes
-  when the same command runs again).
+  Returns the resolved config (a copy; `cfg` is not changed) and "ready", or "preempted"
+  when a SIGTERM stopped a pre-training (it resumes when the same command runs again).
   """
   from ddk_jax import trainer
 
+  cfg = copy.deepcopy(cfg)
   models = ("student",) if cfg.mode == "cpt" else ("teacher", "student")
   for which in models:
-    resolve_model_path(cfg, which, workdir)
-    if cfg[which].source == "hf":
-      from ddk_jax import hf
-      hf.validate_checkpoint_dir(cfg[which].path)
+    _resolve_model_path(cfg, which, workdir)
+    _check_model_source(cfg, which)
   if not cfg.data.tokenizer and cfg.student.source == "hf":
-    with cfg.unlocked():
-      cfg.data.tokenizer = cfg.student.path  # HF checkpoints ship their tokenizer
+    cfg.data.tokenizer = cfg.student.path  # HF checkpoints ship their tokenizer
+  if cfg.data.get("demo_corpus_dir"):
+    from ddk_jax.demo import corpus
+    corpus.ensure_demo_corpus(cfg.data.demo_corpus_dir, log=_log.info)
   for which in models:
     section = cfg[which]
     if section.source != "workdir" or int(section.pretrain_steps) <= 0:
@@ -77,8 +95,8 @@ def prepare_models(cfg: ml_collections.ConfigDict, workdir: str) -> str:
     _log.info("%s: pre-training %d steps (mode cpt) into %s", which, int(section.pretrain_steps), section.path)
     result = trainer.train(_pretrain_config(cfg, which), section.path)
     if result["status"] == "preempted":
-      return "preempted"
+      return cfg, "preempted"
     if result["status"] != "done":
-      raise trainer.TrainingError(f"pre-training of the {which} stopped at step {result['step']} "
-                                  f"({result['status']}); rerun the same command to resume it.")
-  return "ready"
+      raise TrainingError(f"pre-training of the {which} stopped at step {result['step']} "
+                          f"({result['status']}); rerun the same command to resume it.")
+  return cfg, "ready"

@@ -43,11 +43,7 @@ from ddk_jax.model import ModelConfig
 FORMAT_VERSION = 1
 COMMIT_MARKER = "commit_success.txt"  # written by orbax just before the atomic rename
 ITEMS = ("state", "data", "meta")
-# Keys that may change between a run and its resume without changing what is computed
-# up to the restored step (a prefix ends with '.').  `steps` stretches a cosine schedule
-# from the restored step on; that is the point of changing it, and it is logged.
-RESUMABLE_CHANGES = ("steps", "logging.", "eval.", "checkpoint.", "optimizer.max_consecutive_skips",
-                     "compilation_cache_dir")
+
 
 _log = logging.getLogger("ddk_jax")
 
@@ -432,49 +428,6 @@ def _errno_hint(e: BaseException) -> str:
   if errno.EROFS in codes or errno.EACCES in codes or errno.EPERM in codes or "Read-only" in text:
     return "The checkpoint directory is not writable: fix its permissions or mount. "
   return ""
-
-
-# ---- config changes -----------------------------------------------------------------------
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict) and v:
-      out.update(_flatten(v, key + "."))
-    else:
-      out[key] = v
-  return out
-
-
-def _resumable(key: str) -> bool:
-  return any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_CHANGES)
-
-
-def config_changes(saved: dict, current: dict) -> list[str]:
-  """Keys whose values differ between a saved resolved config and the current one,
-  excluding keys that are safe to change on resume."""
-  a, b = _flatten(saved), _flatten(json.loads(json.dumps(current, default=str)))
-  return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not _resumable(k)]
-
-
-def resumable_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
-  """The accepted changes, {key: (saved, current)}, to log on resume."""
-  a, b = _flatten(saved), _flatten(json.loads(json.dumps(current, default=str)))
-  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and _resumable(k)}
-
-
-def runtime_changes(saved: dict | None, current: dict) -> list[str]:
-  """Differences in how the run is laid out (process count, device count, resolved mesh)."""
-  if not saved:
-    return []
-  out = []
-  for key, what in (("num_processes", "number of processes"), ("num_devices", "number of devices"),
-                    ("mesh_shape", "resolved mesh shape")):
-    if saved.get(key) != current.get(key):
-      out.append(f"{what} ({key}: {saved.get(key)} -> {current.get(key)})")
-  return out
 
 
 def restore_student_params(workdir: str, mesh, rules, overrides: dict | None = None,

@@ -11,8 +11,9 @@ import math
 from typing import Any
 
 from ddk_jax import sharding
+from ddk_jax.ddk import MODES
 from ddk_jax.model import ModelConfig
-from ddk_jax.train_step import LOSS_IMPLS, MODES
+from ddk_jax.train_step import LOSS_IMPLS
 
 MODEL_SOURCES = ("random", "hf", "workdir")
 
@@ -53,6 +54,9 @@ def validate_config(cfg: Any, num_devices: int) -> None:
   for key in ("eval.every", "optimizer.warmup_steps", "checkpoint.keep_period", "ddk.eval_max_rows"):
     if int(_get(cfg, key)) < 0:
       raise ConfigError(f"{key}={_get(cfg, key)!r}: must be >= 0.")
+  if int(cfg.optimizer.max_consecutive_skips) < 0:
+    raise ConfigError(f"optimizer.max_consecutive_skips={cfg.optimizer.max_consecutive_skips}: must be >= 0 "
+                      "(0: never stop on non-finite steps).")
   if not float(cfg.optimizer.learning_rate) > 0:
     raise ConfigError(f"optimizer.learning_rate={cfg.optimizer.learning_rate!r}: must be > 0.")
   if not 0.0 <= float(cfg.ddk.alpha) <= 1.0:

@@ -1,261 +1,26 @@
-"""DDK mixture controller: per-domain validation losses in, sampling weights out.
+"""The DDK mixture controller: the state around the formulas of `ddk_jax.ddk`.
 
-Pure host-side numpy and deterministic: given the same inputs every process
-computes bit-identical weights. JAX is imported only inside
-`global_domain_sums`, which reduces per-domain (sum, count) pairs over
-processes so every host feeds identical losses to its controller.
-
-The formulas (docs/ddk.md has the long version, /work/shared/DESIGN.md §1 is the
-contract), with x[i] = lS[i] / lT[i]:
-
-* domain discrepancy factor   r[i]   = exp(x[i]) / sum_j exp(x[j])
-* factor smooth updating      psi[i] = r_prev[i] * exp(x[i])
-                              r[i]   = alpha * psi[i] / sum_j psi[j] + (1 - alpha) / N
-
-Modes:
-
-* ``cpt``                 static mixture, no teacher; updates only record history.
-* ``kd``                  static mixture with a teacher; updates only record history.
-* ``ddk``                 smoothed DDK updates. On the first update r_prev is
-                          uniform, so it equals alpha * softmax(x) + (1 - alpha) / N.
-* ``ddk_no_smoothing``    r = softmax(x), recomputed raw every interval.
-* ``ddk_equal_sampling``  uniform weights forever; history still records lS, lT.
+It holds the current weights, the teacher's cached per-domain validation losses and the
+history of updates, checks its inputs, and saves/restores itself as plain JSON (inside
+every checkpoint). Host-side numpy only; the training loop feeds it losses that are
+already reduced over all hosts, so every host computes identical weights.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-MODES = ("cpt", "kd", "ddk", "ddk_no_smoothing", "ddk_equal_sampling")
-# Modes whose weights move with the validation losses.
-DYNAMIC_MODES = ("ddk", "ddk_no_smoothing")
-# Modes that need the teacher's losses on every update (ratios are recorded).
-_TEACHER_REQUIRED_MODES = ("ddk", "ddk_no_smoothing", "ddk_equal_sampling")
+from ddk_jax import ddk
+from ddk_jax.ddk import MODES  # noqa: F401  (kept importable from here)
+
 STATE_VERSION = 1
 
 # Float slack for "sums to 1" / "floor * N <= 1" checks on user input.
 _SUM_TOL = 1e-9
-
-
-# ----------------------------------------------------------------------------
-# small numeric helpers
-# ----------------------------------------------------------------------------
-
-
-def stable_softmax(x: np.ndarray) -> np.ndarray:
-  """softmax in float64, shifted by the max so exp never overflows."""
-  x = np.asarray(x, dtype=np.float64)
-  e = np.exp(x - np.max(x))
-  return e / np.sum(e)
-
-
-def _smoothed_update(r_prev: np.ndarray, x: np.ndarray,
-                     alpha: float) -> np.ndarray:
-  """The paper's factor smooth updating.
-
-  psi = r_prev * exp(x) is computed as r_prev * exp(x - max x): the common
-  factor exp(max x) cancels in psi / sum(psi) and the shift avoids overflow.
-  """
-  n = x.shape[0]
-  psi = r_prev * np.exp(x - np.max(x))
-  return alpha * (psi / np.sum(psi)) + (1.0 - alpha) / n
-
-
-def apply_floor(r: np.ndarray, floor: np.ndarray) -> np.ndarray:
-  """Smallest change to `r` that keeps every weight >= its floor.
-
-  Returns r' with r'[i] = max(floor[i], c * r[i]), where the single scale
-  c in (0, 1] is chosen so that sum(r') = 1. Domains below their floor are
-  raised to exactly the floor; all others are scaled down by the same factor,
-  so their relative proportions are unchanged. If r already satisfies the
-  floor, c = 1 and r is returned as is. Requires sum(floor) <= 1.
-
-  c is found exactly by growing the set of clamped domains: with clamped set
-  C, c = (1 - sum_{C} floor) / sum_{not C} r. Adding a domain that is below
-  its floor can only lower c, so domains once clamped stay clamped and the
-  loop ends after at most N rounds.
-  """
-  r = np.asarray(r, dtype=np.float64)
-  floor = np.asarray(floor, dtype=np.float64)
-  if not np.any(floor > 0) or np.all(r >= floor):
-    return r.copy()
-  clamped = np.zeros(r.shape, dtype=bool)
-  while True:
-    free_mass = float(np.sum(r[~clamped]))
-    remaining = 1.0 - float(np.sum(floor[clamped]))
-    if free_mass <= 0.0 or remaining <= 0.0:
-      # The floors use up (numerically) all the mass: the floors are the answer.
-      return floor / np.sum(floor)
-    c = remaining / free_mass
-    newly = (~clamped) & (c * r < floor)
-    if not np.any(newly):
-      break
-    clamped |= newly
-  out = np.where(clamped, floor, c * r)
-  # Renormalise away rounding; this moves weights by ~1 ulp at most.
-  return out / np.sum(out)
-
-
-# ----------------------------------------------------------------------------
-# per-domain loss reduction (single host and multi-host)
-# ----------------------------------------------------------------------------
-
-
-def _domain_name(domains: Sequence[str] | None, i: int) -> str:
-  return repr(domains[i]) if domains is not None else f"#{i}"
-
-
-def reduce_domain_losses(sums, counts,
-                         domains: Sequence[str] | None = None) -> np.ndarray:
-  """Per-domain mean loss = sum / count, as float64.
-
-  `sums[i]` is the summed token cross-entropy of domain i over the validation
-  set, `counts[i]` its number of target tokens (both already reduced over
-  processes, see `global_domain_sums`). Pass `domains` to get their names in
-  error messages.
-  """
-  sums = np.asarray(sums, dtype=np.float64)
-  counts = np.asarray(counts, dtype=np.float64)
-  if sums.ndim != 1 or counts.shape != sums.shape:
-    raise ValueError(
-        f"reduce_domain_losses: sums and counts must be 1-D arrays of equal "
-        f"length (one entry per domain); got shapes {sums.shape} and "
-        f"{counts.shape}.")
-  if domains is not None and len(domains) != sums.shape[0]:
-    raise ValueError(
-        f"reduce_domain_losses: got {sums.shape[0]} (sum, count) pairs for "
-        f"{len(domains)} domains {list(domains)}.")
-  for i in range(sums.shape[0]):
-    name = _domain_name(domains, i)
-    if not np.isfinite(counts[i]) or counts[i] <= 0:
-      raise ValueError(
-          f"Domain {name} has token count {counts[i]!r} in the validation "
-          f"reduction: its validation set produced no target tokens. Give the "
-          f"domain a non-empty validation split (or more eval batches).")
-    if not np.isfinite(sums[i]):
-      raise ValueError(
-          f"Domain {name} has a non-finite validation loss sum {sums[i]!r}; "
-          f"the model diverged or the eval step produced NaN/inf.")
-  return sums / counts
-
-
-def _to_u32_words(a: np.ndarray) -> np.ndarray:
-  # float64 -> pairs of uint32 words, so the gather moves exact bits even when
-  # JAX has x64 disabled (it would otherwise cast float64 to float32).
-  return np.ascontiguousarray(a, dtype=np.float64).view(np.uint32)
-
-
-def _from_u32_words(w: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(w, dtype=np.uint32).view(np.float64)
-
-
-def global_domain_sums(sums, counts) -> tuple[np.ndarray, np.ndarray]:
-  """Sums per-domain (loss sum, token count) arrays over all JAX processes.
-
-  Returns float64 (sums, counts). With one process they come back unchanged
-  (as float64). With several, every process contributes its local arrays;
-  they are gathered bit-exactly (float64 sent as uint32 words) and added on
-  the host in process-index order, so every host ends up with bit-identical
-  totals and therefore computes identical weights. Every process must call
-  this, with arrays of the same length (checked; mismatches raise on all).
-
-  Inputs are *process-local* partial sums (host numpy, or fully addressable
-  jax arrays). A jax.Array spanning several processes (the output of a
-  jitted eval step over a global batch) is already a global total: summing it
-  again would count every token process_count() times, so it is refused.
-  """
-  for name, a in (("sums", sums), ("counts", counts)):
-    if getattr(a, "is_fully_addressable", True) is False:
-      raise ValueError(
-          f"global_domain_sums: `{name}` is a jax.Array spanning several "
-          f"processes, i.e. already reduced over all of them; adding it up "
-          f"again would double count. Use np.asarray(x.addressable_data(0)) "
-          f"directly instead of calling global_domain_sums.")
-  sums = np.asarray(sums, dtype=np.float64)
-  counts = np.asarray(counts, dtype=np.float64)
-  if sums.ndim != 1 or counts.shape != sums.shape:
-    raise ValueError(
-        f"global_domain_sums: sums and counts must be 1-D arrays of equal "
-        f"length; got shapes {sums.shape} and {counts.shape}.")
-  import jax  # local import: the controller itself stays numpy-only.
-
-  if jax.process_count() == 1:
-    return sums, counts
-  from jax.experimental import multihost_utils
-
-  # Agree on the length first: gathering arrays of different shapes would
-  # fail (or hang) inside the collective with an unhelpful message.
-  lengths = np.asarray(
-      multihost_utils.process_allgather(np.array([sums.shape[0]], np.int32)))
-  lengths = lengths.reshape(-1)
-  if np.any(lengths != lengths[0]):
-    raise ValueError(
-        f"global_domain_sums: processes passed different numbers of domains "
-        f"{lengths.tolist()} (by process index); every process must evaluate "
-        f"the same domain list.")
-  words = np.concatenate([_to_u32_words(sums), _to_u32_words(counts)])
-  gathered = np.asarray(multihost_utils.process_allgather(words))
-  gathered = gathered.reshape(jax.process_count(), words.shape[0])
-  n = sums.shape[0]
-  total_sums = np.zeros(n, np.float64)
-  total_counts = np.zeros(n, np.float64)
-  for p in range(gathered.shape[0]):  # fixed order => identical rounding
-    row = _from_u32_words(gathered[p])
-    total_sums = total_sums + row[:n]
-    total_counts = total_counts + row[n:]
-  return total_sums, total_counts
-
-
-# ----------------------------------------------------------------------------
-# the table printed at each update
-# ----------------------------------------------------------------------------
-
-
-def _ppl(loss: float) -> float:
-  return math.exp(loss) if loss < 700 else math.inf
-
-
-def format_domain_table(domains: Sequence[str], lS, lT, r) -> str:
-  """Human-readable per-domain table: losses, their ratio, perplexities, weight.
-
-  `lT` may be None (mode cpt): teacher columns then show '-'.
-  """
-  lS = np.asarray(lS, dtype=np.float64)
-  r = np.asarray(r, dtype=np.float64)
-  lT = None if lT is None else np.asarray(lT, dtype=np.float64)
-  headers = ["domain", "student CE", "teacher CE", "lS/lT", "student ppl",
-             "teacher ppl", "weight"]
-  rows = []
-  for i, d in enumerate(domains):
-    if lT is None:
-      t_ce = ratio = t_ppl = "-"
-    else:
-      t_ce = f"{lT[i]:.4f}"
-      ratio = f"{lS[i] / lT[i]:.4f}"
-      t_ppl = f"{_ppl(float(lT[i])):.2f}"
-    rows.append([str(d), f"{lS[i]:.4f}", t_ce, ratio,
-                 f"{_ppl(float(lS[i])):.2f}", t_ppl, f"{r[i]:.4f}"])
-  widths = [max(len(h), *(len(row[k]) for row in rows))
-            for k, h in enumerate(headers)]
-
-  def line(cells):
-    # domain left-aligned, numbers right-aligned
-    return "  ".join(c.ljust(w) if k == 0 else c.rjust(w)
-                     for k, (c, w) in enumerate(zip(cells, widths)))
-
-  out = [line(headers), "  ".join("-" * w for w in widths)]
-  out += [line(row) for row in rows]
-  return "\n".join(out)
-
-
-# ----------------------------------------------------------------------------
-# the controller
-# ----------------------------------------------------------------------------
 
 
 class MixtureController:
@@ -294,8 +59,8 @@ class MixtureController:
     if len(set(domains)) != len(domains):
       dup = sorted({d for d in domains if domains.count(d) > 1})
       raise ValueError(f"Duplicate domain names {dup}; names must be unique.")
-    if mode not in MODES:
-      raise ValueError(f"Unknown mode {mode!r}; choose one of {list(MODES)}.")
+    if mode not in ddk.MODES:
+      raise ValueError(f"Unknown mode {mode!r}; choose one of {list(ddk.MODES)}.")
     alpha = float(alpha)
     if not (0.0 <= alpha <= 1.0):
       raise ValueError(f"alpha must be in [0, 1] (the paper uses 0.5); got {alpha}.")
@@ -321,7 +86,7 @@ class MixtureController:
         raise ValueError("initial_weights sum to 0; give at least one domain a "
                          "positive weight.")
       w = w / np.sum(w)
-    self._weights = apply_floor(w, self._floor)
+    self._weights = ddk.apply_floor(w, self._floor)
     self._teacher: np.ndarray | None = None
     self._history: list[dict[str, Any]] = []
 
@@ -381,18 +146,6 @@ class MixtureController:
   @property
   def floor(self) -> np.ndarray:
     return self._floor.copy()
-
-  @property
-  def needs_teacher_eval(self) -> bool:
-    """True if the run has a teacher whose validation CE should be computed
-    (once) and passed to `set_teacher_losses`: every mode except 'cpt'. The
-    ddk modes require it; 'kd' uses it only for the ratio in history."""
-    return self._mode != "cpt"
-
-  @property
-  def is_dynamic(self) -> bool:
-    """True if `update` can change the weights ('ddk', 'ddk_no_smoothing')."""
-    return self._mode in DYNAMIC_MODES
 
   @property
   def weights(self) -> np.ndarray:
@@ -468,22 +221,14 @@ class MixtureController:
           f"{self._history[-1]['step']}; steps must increase. After restoring "
           f"a checkpoint taken after an update, do not repeat that update.")
     lS = self._validate_losses(student_losses, "student losses", positive=False)
-    if self._mode in _TEACHER_REQUIRED_MODES and self._teacher is None:
+    if self._mode in ddk.TEACHER_RATIO_MODES and self._teacher is None:
       raise ValueError(
           f"Mode {self._mode!r} needs the teacher's per-domain validation "
           f"losses: call set_teacher_losses(lT) before the first update().")
 
     ratio = None if self._teacher is None else lS / self._teacher
-    n = len(self._domains)
-    if self._mode == "ddk":
-      # First update: r_prev is uniform (the paper's initial r), so this is
-      # alpha * softmax(ratio) + (1 - alpha) / N.
-      r_prev = self._weights if self._history else np.full(n, 1.0 / n)
-      r = apply_floor(_smoothed_update(r_prev, ratio, self._alpha), self._floor)
-    elif self._mode == "ddk_no_smoothing":
-      r = apply_floor(stable_softmax(ratio), self._floor)
-    else:  # static modes and equal sampling: weights never move
-      r = self._weights
+    r = ddk.next_weights(self._mode, self._weights, ratio, alpha=self._alpha, floor=self._floor,
+                         first_update=not self._history)
     self._weights = r.copy()
 
     def as_map(a):
@@ -497,26 +242,6 @@ class MixtureController:
         "weights": as_map(r),
     })
     return self.weights
-
-  # -- display -----------------------------------------------------------------
-
-  def format_table(self, lS=None, lT=None, r=None) -> str:
-    """Domain table for the given arrays; with no arguments, for the last
-    update (lS, cached lT, current weights)."""
-    if lS is None:
-      if not self._history:
-        raise ValueError("format_table(): no update yet; pass lS explicitly.")
-      last = self._history[-1]
-      lS = [last["student_loss"][d] for d in self._domains]
-      if lT is None and last["teacher_loss"] is not None:
-        lT = [last["teacher_loss"][d] for d in self._domains]
-      if r is None:
-        r = [last["weights"][d] for d in self._domains]
-    if r is None:
-      r = self._weights
-    if lT is None and lS is not None and self._teacher is not None:
-      lT = self._teacher
-    return format_domain_table(self._domains, lS, lT, r)
 
   # -- checkpointing -----------------------------------------------------------
 

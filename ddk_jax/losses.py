@@ -146,10 +146,13 @@ def per_domain_sums(
   valid = mask != 0
   row_sums = jnp.sum(jnp.where(valid, values_tok.astype(jnp.float32), 0.0), axis=-1)
   row_counts = jnp.sum(valid, axis=-1).astype(jnp.float32)
-  # [B, N] one-hot contraction: static shapes, no scatter, fine under jit/GSPMD.
-  onehot = (domain_id.astype(jnp.int32)[:, None] == jnp.arange(num_domains)[None, :]).astype(
-    jnp.float32
-  )
-  sums = jnp.einsum("b,bn->n", row_sums, onehot, precision=jax.lax.Precision.HIGHEST)
+  member = domain_id.astype(jnp.int32)[:, None] == jnp.arange(num_domains)[None, :]
+  # [B, N] one-hot contraction for the finite rows; a non-finite row is added to its own
+  # domain only (in the product it would be 0 * inf = nan in every other domain, and the
+  # error would name the wrong domain).
+  finite = jnp.isfinite(row_sums)
+  onehot = member.astype(jnp.float32)
+  sums = jnp.einsum("b,bn->n", jnp.where(finite, row_sums, 0.0), onehot, precision=jax.lax.Precision.HIGHEST)
+  sums = sums + jnp.sum(jnp.where(member & ~finite[:, None], row_sums[:, None], 0.0), axis=0)
   counts = jnp.einsum("b,bn->n", row_counts, onehot, precision=jax.lax.Precision.HIGHEST)
   return sums, counts

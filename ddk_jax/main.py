@@ -5,12 +5,14 @@ r"""Train a student with DDK (or a baseline) from a config file.
         --config.teacher.path=/models/Llama-2-13b-hf --config.student.path=/models/TinyLlama-1.1B \
         --config.steps=20000 --config.mode=kd
 
-Any config key can be overridden with --config.<key>=<value>.  Running the same command
-again with the same --workdir resumes from the latest checkpoint.
+Any config key can be overridden with --config.<key>=<value>; every key is documented in
+docs/config.md.  Running the same command again with the same --workdir resumes from the
+latest checkpoint.
 
 Exit codes (docs/reliability.md):
   0    done (or already done)
-  2    bad config or input (a message names the key or file); nothing was trained
+  2    bad command line, config or input (a message names the key or file and the fix);
+       nothing was trained
   3    stopped: optimizer.max_consecutive_skips non-finite steps in a row; the last good
        checkpoint is kept, rerun after fixing the cause
   4    a checkpoint could not be written (disk full, permissions) or none could be read;
@@ -25,13 +27,15 @@ import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from ddk_jax import cli
 from ddk_jax.cli import setup_logging
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/*.py) with get_config(). Override any key with "
+    "--config.<key>=<value>; every key is documented in docs/config.md.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, plots, report.md. "
                                "Default: runs/<config name>.")
 EXIT_CONFIG, EXIT_NON_FINITE, EXIT_CHECKPOINT, EXIT_PREEMPTED = 2, 3, 4, 143
@@ -68,24 +72,21 @@ def enable_compilation_cache(cache_dir: str) -> str | None:
 
 def _main(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; config overrides are written --config.<key>=<value>.")
+    raise cli.UsageError(f"unexpected arguments {' '.join(argv[1:])}; config overrides are written "
+                         "--config.<key>=<value> (keys: docs/config.md).")
+  cfg = _CONFIG.value
+  if cfg is None:
+    raise cli.UsageError("--config is required, e.g. --config=configs/demo.py (keys: docs/config.md).")
   setup_logging()
   from ddk_jax import multihost
   multihost.initialize_or_exit()
-  from ddk_jax import bootstrap, checkpointing, config_validation, trainer
+  from ddk_jax import checkpointing, config_validation, trainer
 
-  cfg = _CONFIG.value
-  if cfg is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
   workdir = _WORKDIR.value or os.path.join("runs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
   try:
-    import jax
-    config_validation.validate_config(cfg, jax.device_count())  # before any work is done
     enable_compilation_cache(cfg.compilation_cache_dir)
-    if bootstrap.prepare_models(cfg, workdir) == "preempted":
-      summary = {"status": "preempted"}
-    else:
-      summary = trainer.train(cfg, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    # Validates the config before any work, pre-trains what the config asks for, then trains.
+    summary = trainer.train(cfg, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except trainer.NonFiniteError as e:
     logging.getLogger("ddk_jax").error("%s", e)
     sys.exit(EXIT_NON_FINITE)
@@ -102,7 +103,7 @@ def _main(argv) -> None:
 
 
 def run() -> None:
-  app.run(_main)
+  cli.run(_main, prog="ddk_jax.main")
 
 
 if __name__ == "__main__":

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+_log = logging.getLogger("ddk_jax")
 
 
 class MetricsWriter:
@@ -35,6 +40,25 @@ class MetricsWriter:
       for k, v in values.items():
         self._tb.add_scalar(k if "/" in k else f"{kind}/{k}", float(v), int(step))
 
+  def size(self) -> int:
+    """Bytes written to metrics.jsonl so far (saved in checkpoints, see `truncate`)."""
+    self._file.flush()
+    return os.path.getsize(self._file.name)
+
+  def truncate(self, size: int, restored_step: int | None) -> None:
+    """Makes metrics.jsonl read like an uninterrupted run: rows logged after the checkpoint
+    the run resumes from (or, with no checkpoint, by an earlier attempt) are dropped."""
+    path = self._file.name
+    current = os.path.getsize(path)
+    if current > size:
+      self._file.flush()
+      os.truncate(path, size)
+      what = f"after checkpoint step {restored_step}" if restored_step is not None else "by an attempt with no checkpoint"
+      _log.info("metrics.jsonl: dropped %d bytes of rows logged %s (they are logged again).", current - size, what)
+    elif current < size:
+      _log.warning("metrics.jsonl is shorter (%d bytes) than when step %s was saved (%d bytes); rows before the "
+                   "resume point are missing from it.", current, restored_step, size)
+
   def close(self) -> None:
     if self._file:
       self._file.close()
@@ -45,25 +69,116 @@ class MetricsWriter:
 
 
 class Progress:
-  """tqdm bar with loss, tokens/s, MFU and ETA (tqdm's own); a no-op when disabled."""
+  """Training progress: step/total, loss, tokens/s, MFU and ETA.
 
-  def __init__(self, total: int, initial: int, enabled: bool):
+  `enabled` is the trainer's "process 0 and logging.progress_bar". Enabled with stderr a
+  terminal (or `bar=True`): a tqdm bar.  Otherwise process 0 logs one plain line per
+  `update` (logger "ddk_jax", INFO), so batch jobs and `logging.progress_bar=False` runs
+  still show where they are; other processes stay silent.  The ETA comes from the pace
+  since the first update (which includes compilation, so the first ETA is high).
+  """
+
+  def __init__(self, total: int, initial: int, enabled: bool, *, bar: bool | None = None, logger=None):
+    import logging  # pylint: disable=g-import-not-at-top
+    from ddk_jax import cli  # pylint: disable=g-import-not-at-top
+    self._total, self._initial, self._last = int(total), int(initial), int(initial)
+    self._log = logger or logging.getLogger("ddk_jax")
     self._bar = None
-    if enabled:
-      from tqdm.auto import tqdm
+    self._start = time.monotonic()
+    self._first: tuple[float, int] | None = None  # (time, step) of the first update
+    use_bar = enabled and (bar if bar is not None else cli.stderr_is_tty())
+    if use_bar:
+      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-    self._last = initial
+    self._lines = self._bar is None and cli.is_main_process()
+
+  def eta_seconds(self, step: int, now: float | None = None) -> float | None:
+    """Seconds left at `step`, from the pace since the first update (or since the start at the first)."""
+    now = time.monotonic() if now is None else now
+    if step >= self._total:
+      return 0.0
+    if self._first is not None and step > self._first[1]:
+      t0, s0 = self._first
+    else:
+      t0, s0 = self._start, self._initial
+    if step <= s0 or now <= t0:
+      return None
+    return (now - t0) / (step - s0) * (self._total - step)
+
+  def format_line(self, step: int, *, loss: float, tok_s: float, mfu: float, now: float | None = None) -> str:
+    from ddk_jax import cli  # pylint: disable=g-import-not-at-top
+    now = time.monotonic() if now is None else now
+    pct = 100 * step / self._total if self._total else 100.0
+    parts = [f"step {step}/{self._total} ({pct:.0f}%)", f"loss {loss:.4f}", f"{tok_s:,.0f} tok/s",
+             f"MFU {100 * mfu:.1f}%"]
+    if step >= self._total:
+      parts.append(f"done in {cli.format_duration(now - self._start)}")
+    else:
+      eta = self.eta_seconds(step, now)
+      parts.append(f"ETA {cli.format_duration(eta)}" if eta is not None else "ETA ?")
+    return " | ".join(parts)
 
   def update(self, step: int, *, loss: float, tok_s: float, mfu: float) -> None:
-    if self._bar is None:
-      return
-    self._bar.update(step - self._last)
+    now = time.monotonic()
+    if self._bar is not None:
+      self._bar.update(step - self._last)
+      self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.1f}%", refresh=False)
+    elif self._lines:
+      self._log.info("%s", self.format_line(step, loss=loss, tok_s=tok_s, mfu=mfu, now=now))
     self._last = step
-    self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.1f}%", refresh=False)
+    if self._first is None:
+      self._first = (now, step)
 
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
+      self._bar = None
+
+
+def _ppl(loss: float) -> float:
+  return math.exp(loss) if loss < 700 else math.inf
+
+
+def format_domain_table(domains: Sequence[str], lS, lT, r) -> str:
+  """Human-readable per-domain table: losses, their ratio, perplexities, weight.
+
+  `lT` may be None (mode cpt): teacher columns then show '-'.
+  """
+  lS = np.asarray(lS, dtype=np.float64)
+  r = np.asarray(r, dtype=np.float64)
+  lT = None if lT is None else np.asarray(lT, dtype=np.float64)
+  headers = ["domain", "student CE", "teacher CE", "lS/lT", "student ppl",
+             "teacher ppl", "weight"]
+  rows = []
+  for i, d in enumerate(domains):
+    if lT is None:
+      t_ce = ratio = t_ppl = "-"
+    else:
+      t_ce = f"{lT[i]:.4f}"
+      ratio = f"{lS[i] / lT[i]:.4f}"
+      t_ppl = f"{_ppl(float(lT[i])):.2f}"
+    rows.append([str(d), f"{lS[i]:.4f}", t_ce, ratio,
+                 f"{_ppl(float(lS[i])):.2f}", t_ppl, f"{r[i]:.4f}"])
+  widths = [max(len(h), *(len(row[k]) for row in rows))
+            for k, h in enumerate(headers)]
+
+  def line(cells):
+    # domain left-aligned, numbers right-aligned
+    return "  ".join(c.ljust(w) if k == 0 else c.rjust(w)
+                     for k, (c, w) in enumerate(zip(cells, widths)))
+
+  out = [line(headers), "  ".join("-" * w for w in widths)]
+  out += [line(row) for row in rows]
+  return "\n".join(out)
+
+
+def controller_table(controller: Any) -> str:
+  """The table of the controller's last update: lS, cached lT, the weights it set."""
+  last = controller.history[-1]
+  names = controller.domains
+  lT = None if last["teacher_loss"] is None else [last["teacher_loss"][d] for d in names]
+  return format_domain_table(names, [last["student_loss"][d] for d in names], lT,
+                             [last["weights"][d] for d in names])
 
 
 def _plot_weights(history: list[dict], names: list[str], path: str) -> None:
@@ -127,7 +242,7 @@ def domain_table(names, before, after, teacher) -> str:
   return "\n".join(lines)
 
 
-def write_report(workdir: str, summary: dict, history: list[dict], cfg: Any) -> str:
+def write_report(workdir: str, summary: dict, history: list[dict], settings: Any) -> str:
   names = summary["domains"]
   plots = []
   if history:
@@ -139,8 +254,9 @@ def write_report(workdir: str, summary: dict, history: list[dict], cfg: Any) -> 
   text = [
       f"# ddk_jax run report ({summary['mode']})",
       "",
-      f"Steps: {summary['step']}, global batch {cfg.global_batch_size} x {cfg.data.seq_len} tokens, "
-      f"DDK interval K={cfg.ddk.interval}, alpha={cfg.ddk.alpha}, gamma={cfg.loss.gamma}, T={cfg.loss.temperature}.",
+      f"Steps: {summary['step']}, global batch {settings.global_batch_size} x {settings.seq_len} tokens, "
+      f"DDK interval K={settings.ddk.interval}, alpha={settings.ddk.alpha}, gamma={settings.loss.gamma}, "
+      f"T={settings.loss.temperature}.",
       f"Wall time {summary['wall_seconds']:.0f} s (this phase; compilation included), of which the DDK "
       f"controller's validation (teacher once, student at every update) {controller:.1f} s "
       f"({100 * controller / wall:.1f}%); all validation, the final one included, "

@@ -20,11 +20,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ddk_jax import losses, model as model_lib, sharding
+from ddk_jax.data.pipeline import ROW_KEYS
 from ddk_jax.model import ModelConfig
 
-MODES = ("cpt", "kd", "ddk", "ddk_no_smoothing", "ddk_equal_sampling")
 LOSS_IMPLS = ("chunked", "naive")
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "domain_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,17 +173,22 @@ def make_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
   return step
 
 
-def make_eval_step(cfg: ModelConfig, opts: StepOptions) -> Callable:
+def make_eval_step(cfg: ModelConfig, opts: StepOptions, vocab_size: int | None = None) -> Callable:
   """`eval(params, batch) -> (ce_sum[num_domains], count[num_domains])`; plain CE, no KD.
 
   Used for the student's and (once, cached) the teacher's per-domain validation loss.
+  `vocab_size` keeps the first logits only: a teacher padded beyond the shared tokenizer is
+  scored on the same vocabulary the KD term uses.
   """
   token_losses = token_loss_fn(opts)
 
   def eval_step(params, batch):
     mask = batch["segment_ids"] != 0
     hidden = model_lib.apply_hidden(params, cfg, batch["inputs"], batch["positions"], batch["segment_ids"])
-    ce_tok, _ = token_losses(hidden, model_lib.head_weight(params, cfg), None, None, batch["targets"], mask)
+    head = model_lib.head_weight(params, cfg)
+    if vocab_size is not None:
+      head = head[:, :vocab_size]
+    ce_tok, _ = token_losses(hidden, head, None, None, batch["targets"], mask)
     return losses.per_domain_sums(ce_tok, mask, batch["domain_id"], opts.num_domains)
   return eval_step
 
@@ -210,7 +214,7 @@ def state_shardings(params_sh: Any, optimizer: optax.GradientTransformation, abs
 
 
 def batch_shardings(mesh: Mesh, rules) -> dict:
-  return {k: sharding.batch_sharding(mesh, rules, 1 if k == "domain_id" else 2) for k in BATCH_KEYS}
+  return {k: sharding.batch_sharding(mesh, rules, 1 if k == "domain_id" else 2) for k in ROW_KEYS}
 
 
 def jit_train_step(step: Callable, state_sh: dict, teacher_sh: Any, mesh: Mesh, rules) -> Callable:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import tiny_run
-from ddk_jax import checkpointing, trainer
+from ddk_jax import checkpointing, resume_policy, run_setup, trainer
 from ddk_jax import train_step as ts
 
 
@@ -58,7 +58,7 @@ def test_a_step_holds_everything_the_run_needs(env):
   controller = meta["controller"]
   assert [h["step"] for h in controller["history"]] == [0, 3, 6]
   assert len(controller["weights"]) == 3 and controller["teacher_losses"] is not None
-  assert meta["config"] == trainer.resolved_config_dict(_cfg(env))
+  assert meta["config"] == run_setup.resolved_config_dict(_cfg(env))
   assert meta["runtime"] == {"num_processes": 1, "num_devices": 8,
                              "mesh_shape": {"data": 2, "fsdp": 2, "tensor": 2}}
   assert meta["log_state"]["metrics_bytes"] == os.path.getsize(os.path.join(ref, "metrics.jsonl"))
@@ -204,13 +204,13 @@ def test_config_change_classification():
   current = json.loads(json.dumps(saved))
   current.update(steps=20, logging={"every": 5}, eval={"every": 10}, checkpoint={"every": 7})
   current["optimizer"]["max_consecutive_skips"] = 0
-  assert checkpointing.config_changes(saved, current) == []
-  assert set(checkpointing.resumable_changes(saved, current)) == {
+  assert resume_policy.config_changes(saved, current) == []
+  assert set(resume_policy.resumable_changes(saved, current)) == {
       "steps", "logging.every", "eval.every", "checkpoint.every", "optimizer.max_consecutive_skips"}
   current["data"]["seq_len"] = 64
   current["optimizer"]["learning_rate"] = 2e-3
-  assert checkpointing.config_changes(saved, current) == ["data.seq_len", "optimizer.learning_rate"]
-  assert checkpointing.runtime_changes({"num_processes": 2, "num_devices": 8, "mesh_shape": {"data": 8}},
+  assert resume_policy.config_changes(saved, current) == ["data.seq_len", "optimizer.learning_rate"]
+  assert resume_policy.runtime_changes({"num_processes": 2, "num_devices": 8, "mesh_shape": {"data": 8}},
                                        {"num_processes": 1, "num_devices": 8, "mesh_shape": {"data": 8}}) == [
       "number of processes (num_processes: 2 -> 1)"]
 

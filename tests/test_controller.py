@@ -1,7 +1,7 @@
-"""Tests for the DDK mixture controller (ddk_jax/controller.py).
+"""Tests for the DDK formulas (ddk_jax/ddk.py) and the mixture controller (ddk_jax/controller.py).
 
-Expected values are written out by hand from DESIGN.md §1 with numpy in float64,
-independent of the implementation.
+Expected values are written out by hand from the formulas in docs/ddk.md with numpy in
+float64, independent of the implementation.
 """
 
 from __future__ import annotations
@@ -18,14 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddk_jax.controller import (
-    MODES,
-    MixtureController,
-    apply_floor,
-    format_domain_table,
-    global_domain_sums,
-    reduce_domain_losses,
-)
+from ddk_jax.controller import MixtureController
+from ddk_jax.ddk import MODES, apply_floor
+from ddk_jax.reporting import controller_table, format_domain_table
+from ddk_jax.validation import reduce_domain_losses
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ["web", "code", "wiki"]
@@ -34,7 +30,7 @@ LT = np.array([2.0, 1.0, 2.5])
 
 def _ddk(mode="ddk", **kw):
   c = MixtureController(DOMAINS, mode, **kw)
-  if c.needs_teacher_eval:
+  if mode != "cpt":
     c.set_teacher_losses(LT)
   return c
 
@@ -73,9 +69,9 @@ def test_first_update_prior_is_uniform_not_initial_weights():
   # update's smoothing prior is uniform (docs/ddk.md, "The first update").
   c = _ddk(initial_weights=[0.8, 0.1, 0.1])
   np.testing.assert_allclose(c.weights, [0.8, 0.1, 0.1])
-  ref = _ddk()
-  lS = [3.0, 1.5, 3.0]
-  np.testing.assert_array_equal(c.update(0, lS), ref.update(0, lS))
+  x = np.array([3.0, 1.5, 3.0]) / LT
+  want = 0.5 * np.exp(x) / np.exp(x).sum() + 0.5 / 3  # uniform r_prev; 0.8/0.1/0.1 would differ
+  np.testing.assert_allclose(c.update(0, [3.0, 1.5, 3.0]), want, rtol=0, atol=1e-15)
 
 
 def test_no_smoothing_equals_raw_softmax_every_interval():
@@ -102,7 +98,6 @@ def test_equal_sampling_stays_uniform_but_records_losses():
   assert h["student_loss"] == {"web": 5.0, "code": 1.0, "wiki": 2.0}
   assert h["teacher_loss"] == {"web": 2.0, "code": 1.0, "wiki": 2.5}
   assert h["ratio"]["web"] == 2.5
-  assert not c.is_dynamic and c.needs_teacher_eval
 
 
 @pytest.mark.parametrize("mode", ["cpt", "kd"])
@@ -118,18 +113,17 @@ def test_static_modes_keep_weights_and_history_is_json(mode):
   h = json.loads(text)["history"][0]
   if mode == "cpt":
     assert h["teacher_loss"] is None and h["ratio"] is None
-    assert not c.needs_teacher_eval
   else:
     assert h["ratio"] == {"web": 1.5, "code": 2.0, "wiki": 0.4}
-  assert not c.is_dynamic
 
 
-def test_modes_properties():
-  assert {m: MixtureController(DOMAINS, m).is_dynamic for m in MODES} == {
-      "cpt": False, "kd": False, "ddk": True, "ddk_no_smoothing": True,
-      "ddk_equal_sampling": False}
-  assert [m for m in MODES if MixtureController(DOMAINS, m).needs_teacher_eval] == [
-      "kd", "ddk", "ddk_no_smoothing", "ddk_equal_sampling"]
+def test_modes():
+  assert MODES == ("cpt", "kd", "ddk", "ddk_no_smoothing", "ddk_equal_sampling")
+  # the static modes never move the weights, whatever the losses
+  for mode in ("kd", "ddk_equal_sampling"):
+    c = _ddk(mode)
+    before = c.weights
+    np.testing.assert_array_equal(c.update(0, [9.0, 0.1, 3.0]), before)
 
 
 # ----------------------------------------------------------------------------
@@ -306,17 +300,10 @@ def test_reduce_domain_losses():
     reduce_domain_losses([1.0, 0.0], [4])
 
 
-def test_global_domain_sums_single_process_is_identity():
-  s, n = global_domain_sums(np.array([1.5, 2.25]), np.array([3, 4]))
-  np.testing.assert_array_equal(s, [1.5, 2.25])
-  np.testing.assert_array_equal(n, [3.0, 4.0])
-  assert s.dtype == np.float64
-
-
 def test_format_table():
   c = _ddk()
   c.update(0, [3.0, 1.5, 3.0])
-  t = c.format_table()
+  t = controller_table(c)
   lines = t.splitlines()
   assert "lS/lT" in lines[0] and "weight" in lines[0]
   assert lines[2].split()[0] == "web"
@@ -326,61 +313,65 @@ def test_format_table():
 
 
 # ----------------------------------------------------------------------------
-# two processes: identical weights on both hosts
+# two processes: the eval step's global sums give identical weights on both hosts
 # ----------------------------------------------------------------------------
 
 _WORKER = textwrap.dedent("""
     import json, sys
     import numpy as np
     import jax
-    pid, port = int(sys.argv[1]), sys.argv[2]
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
-                               num_processes=2, process_id=pid)
-    from ddk_jax.controller import (MixtureController, global_domain_sums,
-                                    reduce_domain_losses)
-    local = json.loads(sys.argv[3])
-    sums, counts = global_domain_sums(np.array(local["sums"][pid]),
-                                      np.array(local["counts"][pid]))
-    c = MixtureController(local["domains"], "ddk", alpha=0.5)
-    c.set_teacher_losses(local["lT"])
-    w = c.update(0, reduce_domain_losses(sums, counts, local["domains"]))
-    print("RESULT " + json.dumps({"weights": [repr(float(v)) for v in w],
-                                  "sums": [repr(float(v)) for v in sums]}), flush=True)
-    jax.distributed.shutdown()
+    pid, port, nproc = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    if nproc > 1:
+      jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
+    from ddk_jax import model, sharding, train_step as ts, validation
+    from ddk_jax.controller import MixtureController
+    cfg = model.ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                            num_kv_heads=1, param_dtype="float32", compute_dtype="float32")
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    rules = sharding.DEFAULT_RULES
+    psh = ts.params_shardings(cfg, mesh, rules)
+    params = ts.init_params_sharded(cfg, jax.random.key(0), psh)
+    eval_fn = ts.jit_eval_step(ts.make_eval_step(cfg, ts.StepOptions(num_domains=3, mode="cpt")), psh, mesh, rules)
+    rng = np.random.default_rng(0)
+    domains = ["web", "code", "wiki"]
+    rows_per_host = 4 // nproc  # a global batch of 4 rows per domain, split over the hosts
+
+    def batches(d):
+      toks = rng.integers(1, 64, size=(4, 9)).astype(np.int32)
+      seg = np.ones((4, 8), np.int32)
+      seg[:, 6 - d:] = 0  # a different number of loss tokens per domain
+      full = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": seg,
+              "positions": np.tile(np.arange(8, dtype=np.int32), (4, 1)), "domain_id": np.full(4, d, np.int32)}
+      mine = {k: v[pid * rows_per_host:(pid + 1) * rows_per_host] for k, v in full.items()}
+      return lambda: [mine]
+
+    val = {n: batches(d) for d, n in enumerate(domains)}
+    losses, counts = validation.evaluate_domains(eval_fn, params, val, mesh, rules, domains)
+    c = MixtureController(domains, "ddk", alpha=0.5)
+    c.set_teacher_losses([3.0, 2.5, 4.0])
+    w = c.update(0, losses)
+    print("RESULT " + json.dumps({"weights": [float(v) for v in w], "losses": [float(v) for v in losses],
+                                  "counts": counts.tolist()}), flush=True)
+    if nproc > 1:
+      jax.distributed.shutdown()
 """)
 
 
-def _free_port() -> int:
+def _run_workers(nproc: int) -> list[dict]:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-@pytest.mark.parametrize("local_devices", [1, 2])
-def test_two_processes_compute_identical_weights(local_devices):
-  domains = ["web", "code", "wiki", "books"]
-  # values whose float32 rounding would be visible, to check exact transport
-  sums = [[1234.5678901234567, 88.1, 0.3, 7.7], [99.99999999999, 11.2, 1e-3, 2.5]]
-  counts = [[700, 40, 2, 5], [61, 9, 1, 3]]
-  lT = [1.9, 1.1, 0.2, 1.0]
-  payload = json.dumps({"domains": domains, "sums": sums, "counts": counts, "lT": lT})
-  port = str(_free_port())
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  # TPU hosts have several local devices: cover 1 and 2 per process.
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
-  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), port, payload],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  deadline = time.monotonic() + 120
+    port = str(s.getsockname()[1])
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), JAX_NUM_CPU_DEVICES="1")
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), port, str(nproc)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(nproc)]
+  deadline = time.monotonic() + 180
   outs = []
   try:
     for p in procs:
-      out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-      outs.append(out)
+      outs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
   except subprocess.TimeoutExpired:
-    for p in procs:
-      p.kill()
-    pytest.fail("two-process global_domain_sums test hung (> 120 s)")
+    pytest.fail("the two-process evaluation hung (> 180 s)")
   finally:
     for p in procs:
       if p.poll() is None:
@@ -391,12 +382,13 @@ def test_two_processes_compute_identical_weights(local_devices):
     line = [l for l in out.splitlines() if l.startswith("RESULT ")]
     assert line, out
     results.append(json.loads(line[-1][len("RESULT "):]))
-  assert results[0] == results[1]
-  # single-process reference on the summed arrays (process 0 + process 1, in order)
-  total_s = np.array(sums[0], np.float64) + np.array(sums[1], np.float64)
-  total_c = np.array(counts[0], np.float64) + np.array(counts[1], np.float64)
-  assert results[0]["sums"] == [repr(float(v)) for v in total_s]
-  c = MixtureController(domains, "ddk", alpha=0.5)
-  c.set_teacher_losses(lT)
-  want = c.update(0, reduce_domain_losses(total_s, total_c, domains))
-  assert results[0]["weights"] == [repr(float(v)) for v in want]
+  return results
+
+
+def test_two_processes_compute_identical_weights_from_global_eval_sums():
+  two = _run_workers(2)
+  assert two[0] == two[1]  # bit-identical on both hosts
+  one = _run_workers(1)[0]  # all rows on one host
+  assert two[0]["counts"] == one["counts"] == [24.0, 20.0, 16.0]  # every token counted once
+  np.testing.assert_allclose(two[0]["losses"], one["losses"], rtol=1e-6)
+  np.testing.assert_allclose(two[0]["weights"], one["weights"], rtol=1e-6)

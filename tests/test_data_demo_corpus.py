@@ -7,7 +7,7 @@ import zlib
 
 import pytest
 
-from ddk_jax.data import demo_corpus as D
+from ddk_jax.demo import corpus as D
 from ddk_jax.data import pipeline as PL
 from ddk_jax.data import prepare as P
 from ddk_jax.data.config import domain_specs

@@ -14,7 +14,7 @@ import pytest
 
 from ddk_jax.data import pipeline as PL
 from ddk_jax.data import prepare as P
-from ddk_jax.data import testing
+import data_helpers as testing
 from ddk_jax.data import tokenizer as T
 from ddk_jax.data.config import DataConfigError
 

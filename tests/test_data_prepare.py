@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ddk_jax.data import prepare as P
-from ddk_jax.data import testing
+import data_helpers as testing
 from ddk_jax.data import tokenizer as T
 from ddk_jax.data.config import DataConfigError
 
@@ -221,7 +221,7 @@ def test_cli(tmp_path, tok_dir):
   config_file = tmp_path / "cfg.py"
   config_file.write_text(textwrap.dedent(f"""
       import ml_collections
-      from ddk_jax.data import testing
+      import data_helpers as testing
 
       def get_config():
         c = ml_collections.ConfigDict()

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from ddk_jax.data import testing
+import data_helpers as testing
 from ddk_jax.data import tokenizer as T
 from ddk_jax.data.config import DataConfigError
 

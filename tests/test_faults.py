@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import pytest
 
 import tiny_run
-from ddk_jax import bootstrap, checkpointing, trainer
+from ddk_jax import checkpointing, trainer
+from ddk_jax.config_validation import ConfigError
 from ddk_jax import train_step as ts
 
 
@@ -86,7 +87,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run_keeping_the_last_good_ch
 
 
 def test_negative_skip_limit_is_refused(env, tmp_path):
-  with pytest.raises(trainer.TrainingError, match="optimizer.max_consecutive_skips=-1"):
+  with pytest.raises(ConfigError, match="optimizer.max_consecutive_skips=-1"):
     trainer.train(_cfg(env, **{"optimizer.max_consecutive_skips": -1}), str(tmp_path / "w"))
 
 
@@ -200,11 +201,8 @@ def test_missing_teacher_fails_before_any_work(env, tmp_path, monkeypatch):
   os.remove(partial / "checkpoints" / "8" / "commit_success.txt")
   with pytest.raises(trainer.TrainingError, match="has no committed checkpoint"):
     trainer.train(_cfg(env, **{"teacher.source": "workdir", "teacher.path": str(partial)}), str(workdir))
-  # A Hugging Face teacher directory that does not exist: the CLI's start-up check and the
-  # trainer's both name it.
+  # A Hugging Face teacher directory that does not exist is named before any work.
   cfg = _cfg(env, **{"teacher.source": "hf", "teacher.path": str(tmp_path / "no_such_model")})
-  with pytest.raises(ValueError, match="no_such_model"):
-    bootstrap.prepare_models(cfg, str(workdir))
   with pytest.raises(ValueError, match="no_such_model"):
     trainer.train(cfg, str(workdir))
 
@@ -219,7 +217,6 @@ def test_cli_exit_codes(env, tmp_path, monkeypatch):
   config = tiny_run.write_config_file(str(tmp_path / "c.py"), env["assets"])
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["ddk_jax.main", f"--config={config}", f"--workdir={tmp_path / 'w'}"])
-  monkeypatch.setattr(bootstrap, "prepare_models", lambda cfg, workdir: None)
   outcomes = [
       (trainer.NonFiniteError("nan"), 3),
       (checkpointing.CheckpointError("disk full"), 4),

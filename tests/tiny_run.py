@@ -28,7 +28,8 @@ DOMAINS = ("short", "long", "mixed")
 
 def make_assets(root: str) -> str:
   """Writes a 3-domain corpus and a tiny tokenizer under root and prepares the shards."""
-  from ddk_jax.data import prepare, testing
+  import data_helpers as testing
+  from ddk_jax.data import prepare
 
   root = os.fspath(root)
   os.makedirs(root, exist_ok=True)
@@ -46,7 +47,7 @@ def make_assets(root: str) -> str:
 def tiny_config(assets: str, **overrides: Any):
   """The tiny experiment; `overrides` are dotted keys, e.g. {"checkpoint.every": 2}."""
   from ddk_jax.config_defaults import base_config, model_section
-  from ddk_jax.data import testing
+  import data_helpers as testing
 
   with open(os.path.join(assets, "assets.json")) as f:
     tok = json.load(f)["tokenizer"]

@@ -1,8 +1,8 @@
-"""Multi-domain data for DDK: sources, tokenizer, preparation, pipelines,
-the dynamic mixture and the demo corpus. See docs/data.md.
+"""Multi-domain data for DDK: sources, tokenizer, preparation, pipelines and
+the dynamic mixture. See docs/data.md.
 
-The public names below are imported lazily, so that light entry points
-(`python -m ddk_jax.data.demo_corpus`) do not pay for importing grain/JAX.
+The public names below are imported lazily, so that light entry points do not
+pay for importing grain/JAX.
 """
 
 import importlib
@@ -26,9 +26,6 @@ _EXPORTS = {
     "domain_rows": "pipeline", "ROW_KEYS": "pipeline",
     "DynamicMixtureIterDataset": "mixture",
     "DynamicMixtureDatasetIterator": "mixture", "stack_rows": "mixture",
-    # demo corpus
-    "ensure_demo_corpus": "demo_corpus", "demo_domains": "demo_corpus",
-    "demo_data_config": "demo_corpus",
 }
 
 __all__ = sorted(_EXPORTS)

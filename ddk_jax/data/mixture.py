@@ -213,13 +213,7 @@ def stack_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def empirical_frequencies(domains: Sequence[int], n_domains: int
-                          ) -> np.ndarray:
-  counts = np.bincount(np.asarray(domains), minlength=n_domains)
-  return counts / max(1, counts.sum())
-
-
 __all__ = [
     "DynamicMixtureIterDataset", "DynamicMixtureDatasetIterator",
-    "counter_uniform", "stack_rows", "empirical_frequencies",
+    "counter_uniform", "stack_rows",
 ]

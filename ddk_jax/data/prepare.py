@@ -336,9 +336,6 @@ def prepare(data_cfg: Any, *, progress: bool = True,
     raise DataConfigError(
         f"data.prepared_dir={prepared_dir}: prepare writes to local disk; "
         "prepare locally, then copy the directory (e.g. gsutil -m cp -r).")
-  if data_cfg.get("demo_corpus_dir"):
-    from ddk_jax.data import demo_corpus  # pylint: disable=g-import-not-at-top
-    demo_corpus.ensure_demo_corpus(data_cfg.demo_corpus_dir)
   tok = load_tokenizer_from_config(data_cfg)
   os.makedirs(prepared_dir, exist_ok=True)
   old = _read_json(os.path.join(prepared_dir, MANIFEST))
@@ -421,21 +418,37 @@ def ensure_prepared(data_cfg: Any, *, progress: bool = False
 
 
 def main(argv: list[str]) -> None:
-  del argv
+  """`python -m ddk_jax.data.prepare --config=FILE`: prepares the config's data."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from ddk_jax import cli  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise cli.UsageError(f"unexpected arguments {' '.join(argv[1:])}; config overrides are written "
+                         "--config.<key>=<value> (keys: docs/config.md).")
   cfg = flags.FLAGS.config
+  if cfg is None:
+    raise cli.UsageError("--config is required: the experiment file whose `data` section to prepare, e.g. "
+                         "--config=configs/demo.py (keys: docs/config.md and docs/data.md).")
   if "data" not in cfg:
-    raise DataConfigError(f"{flags.FLAGS['config'].config_filename}: the "
-                          "config has no `data` section.")
-  manifest = prepare(cfg.data, progress=True)
+    raise cli.UsageError(f"{flags.FLAGS['config'].config_filename}: the config has no `data` section; see "
+                         "docs/data.md.")
+  cli.setup_logging()
+  try:
+    if cfg.data.get("demo_corpus_dir"):  # the demo config's corpus is generated, then prepared
+      from ddk_jax.demo import corpus  # pylint: disable=g-import-not-at-top
+      corpus.ensure_demo_corpus(cfg.data.demo_corpus_dir)
+    manifest = prepare(cfg.data, progress=True)
+  except (ValueError, OSError) as e:  # DataConfigError and unreadable/unwritable files
+    cli.fail(str(e), prog="ddk_jax.data.prepare")
   print(f"[prepare] done: {os.path.join(cfg.data.prepared_dir, MANIFEST)} "
         f"({len(manifest['domains'])} domains, tokenizer "
         f"{manifest['tokenizer']['hash'][:12]})")
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "Config file with a `data` "
-                                  "section.", lock_config=True)
-  app.run(main)
+  from ddk_jax import cli  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file(
+      "config", None, "Experiment config file (configs/*.py) with a `data` section. Override any key with "
+      "--config.<key>=<value>; every key is documented in docs/config.md (data keys: docs/data.md).",
+      lock_config=True)
+  cli.run(main, prog="ddk_jax.data.prepare")

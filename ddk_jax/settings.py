@@ -1,0 +1,93 @@
+"""The run's settings, resolved and validated once from the experiment config.
+
+The training loop and its set-up read typed fields (`settings.ddk.interval`) instead of
+casting ConfigDict values; `Settings.from_config` is the one place a config is validated.
+The config itself still travels to the pieces that own a section (data, models, mesh,
+optimizer) and is saved, resolved, in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ddk_jax import config_validation, ddk
+
+
+@dataclasses.dataclass(frozen=True)
+class DDKSettings:
+  interval: int  # K: steps between weight updates
+  alpha: float
+  floor: float
+  update_at_start: bool
+  eval_batch_size: int  # global rows per validation batch
+  eval_max_rows: int  # rows per domain the controller scores (0: all)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+  gamma: float
+  temperature: float
+  impl: str
+  chunk_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings:
+  every: int
+  keep: int
+  keep_period: int
+  async_save: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingSettings:
+  every: int
+  tensorboard: bool
+  progress_bar: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  mode: str
+  seed: int
+  steps: int
+  global_batch_size: int
+  seq_len: int
+  grad_accum: int
+  max_consecutive_skips: int
+  cosine_schedule: bool
+  eval_every: int
+  ddk: DDKSettings
+  loss: LossSettings
+  checkpoint: CheckpointSettings
+  logging: LoggingSettings
+
+  @property
+  def uses_teacher(self) -> bool:
+    return ddk.uses_teacher(self.mode)
+
+  @property
+  def tokens_per_step(self) -> int:
+    return self.global_batch_size * self.seq_len
+
+  @classmethod
+  def from_config(cls, cfg: Any, num_devices: int) -> Settings:
+    """Validates `cfg` (ConfigError naming the key and the fix) and resolves it."""
+    config_validation.validate_config(cfg, num_devices)
+    return cls(
+        mode=str(cfg.mode), seed=int(cfg.seed), steps=int(cfg.steps),
+        global_batch_size=int(cfg.global_batch_size), seq_len=int(cfg.data.seq_len),
+        grad_accum=int(cfg.optimizer.grad_accum), max_consecutive_skips=int(cfg.optimizer.max_consecutive_skips),
+        cosine_schedule=cfg.optimizer.schedule == "cosine", eval_every=int(cfg.eval.every),
+        ddk=DDKSettings(interval=int(cfg.ddk.interval), alpha=float(cfg.ddk.alpha), floor=float(cfg.ddk.floor),
+                        update_at_start=bool(cfg.ddk.update_at_start), eval_batch_size=int(cfg.ddk.eval_batch_size),
+                        eval_max_rows=int(cfg.ddk.eval_max_rows)),
+        loss=LossSettings(gamma=float(cfg.loss.gamma), temperature=float(cfg.loss.temperature), impl=str(cfg.loss.impl),
+                          chunk_size=int(cfg.loss.chunk_size)),
+        checkpoint=CheckpointSettings(every=int(cfg.checkpoint.every), keep=int(cfg.checkpoint.keep),
+                                      keep_period=int(cfg.checkpoint.keep_period),
+                                      async_save=bool(cfg.checkpoint.async_save)),
+        logging=LoggingSettings(every=int(cfg.logging.every), tensorboard=bool(cfg.logging.tensorboard),
+                                progress_bar=bool(cfg.logging.progress_bar)),
+    )
