@@ -193,3 +193,27 @@ def test_eval_step_per_domain():
   expected = np.bincount(batch["domain_id"], weights=ce.sum(1), minlength=NUM_DOMAINS)
   np.testing.assert_allclose(sums, expected, rtol=1e-4)
   assert counts.sum() == (batch["segment_ids"] != 0).sum()
+
+
+def test_teacher_with_padded_vocab_is_scored_on_the_shared_vocab():
+  """A teacher whose embedding is padded past the tokenizer (Qwen-style 152064 vs 151936)
+  is scored on the student's vocabulary: its padded rows get no probability mass."""
+  padded = dataclasses.replace(TEACHER, vocab_size=160, param_dtype="float32", compute_dtype="float32")
+  mesh = mesh_of(jax.devices()[:1], (1, 1, 1))
+  rules = sharding.DEFAULT_RULES
+  sh = ts.params_shardings(padded, mesh, rules)
+  params = ts.init_params_sharded(padded, jax.random.key(3), sh)
+  opts = ts.StepOptions(num_domains=NUM_DOMAINS, mode="cpt", loss_impl="naive")
+  batch = make_batch(vocab=128)
+  sums, counts = ts.jit_eval_step(ts.make_eval_step(padded, opts, vocab_size=128), sh, mesh, rules)(
+      params, sharding.host_batch_to_global(batch, mesh, rules))
+  hidden = model_lib.apply_hidden(params, padded, batch["inputs"], batch["positions"], batch["segment_ids"])
+  logits = np.asarray(hidden @ model_lib.head_weight(params, padded), np.float64)[..., :128]
+  logp = logits - logits.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  ce = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0] * (batch["segment_ids"] != 0)
+  want = [ce[batch["domain_id"] == d].sum() for d in range(NUM_DOMAINS)]
+  np.testing.assert_allclose(np.asarray(sums), want, rtol=1e-5)
+  full, _ = ts.jit_eval_step(ts.make_eval_step(padded, opts), sh, mesh, rules)(
+      params, sharding.host_batch_to_global(batch, mesh, rules))
+  assert np.all(np.asarray(full) > np.asarray(sums))  # the full vocab would spread mass onto padded rows
