@@ -20,6 +20,7 @@ demo: install
 	$(VENV)/bin/python -m ddk_jax.main --config=configs/demo.py --workdir=runs/demo
 
 test: install-test
+	$(VENV)/bin/python -m ruff check ddk_jax tests benchmarks configs
 	$(VENV)/bin/python -m pytest -q tests
 
 clean:
