@@ -17,6 +17,7 @@ this (the gathers are collective); only process 0 writes.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -29,10 +30,12 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
+from ddk_jax.cli import TransferProgress
 from ddk_jax.hf.hf_config import hf_config_from_model_config
 from ddk_jax.hf.hf_import import CONFIG_FILE, INDEX_FILE, NP_TO_ST, SINGLE_FILE, TensorMap, param_mapping
 from ddk_jax.model import DTYPES, ModelConfig, param_shapes_and_axes
 
+_log = logging.getLogger("ddk_jax.hf")
 EXPORT_DTYPES = ("bfloat16", "float32", "float16")
 # Files copied from a tokenizer directory (never *.py: no remote code travels with the export).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -142,7 +145,7 @@ def export_hf_checkpoint(params: Mapping[str, Any], cfg: ModelConfig, out_dir: s
                          max_shard_size_bytes: int = 5 * 2**30, dtype: str = "bfloat16",
                          generation_config: Mapping[str, Any] | None = None, bos_token_id: int | None = None,
                          eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                         overwrite: bool = False) -> str:
+                         overwrite: bool = False, progress: bool | None = None) -> str:
   """Writes `params` (our tree for `cfg`) as an HF checkpoint at `out_dir`; returns `out_dir`.
 
   Args:
@@ -155,6 +158,9 @@ def export_hf_checkpoint(params: Mapping[str, Any], cfg: ModelConfig, out_dir: s
     dtype: storage dtype of the weights (bfloat16 rounds to nearest even, as torch does).
     generation_config: written as generation_config.json; default: the token ids.
     overwrite: replace an existing non-empty `out_dir` (only after the new one is complete).
+    progress: on process 0, a tqdm bar of tensors and bytes written when True, or when None
+      and stderr is a terminal; otherwise an INFO log line (logger "ddk_jax.hf") every ~10%
+      of the bytes or 50 tensors.  Other processes report nothing.
   """
   if dtype not in EXPORT_DTYPES:
     raise ValueError(f"export dtype {dtype!r} is not one of {EXPORT_DTYPES}")
@@ -189,6 +195,7 @@ def export_hf_checkpoint(params: Mapping[str, Any], cfg: ModelConfig, out_dir: s
       os.makedirs(stage)
     else:
       stage = tempfile.mkdtemp(prefix="ddk_export_")
+  bar = None
   try:
     handles: dict[int, Any] = {}
     remaining = [0] * num_shards  # tensors left per shard; a file closes when it reaches 0
@@ -200,6 +207,7 @@ def export_hf_checkpoint(params: Mapping[str, Any], cfg: ModelConfig, out_dir: s
         handles[k] = open(os.path.join(stage, file_names[k]), "wb")
         handles[k].write(_header_bytes(entries, st_dtype))
     gathered_path, gathered = None, None
+    bar = TransferProgress(f"HF export {out.name}", len(plan), int(sum(sizes)), progress=progress, logger=_log)
     for j, (name, hf_shape, m, layer) in enumerate(plan):
       if m is None:
         tensor = np.zeros(hf_shape, np_dtype)
@@ -220,6 +228,8 @@ def export_hf_checkpoint(params: Mapping[str, Any], cfg: ModelConfig, out_dir: s
         remaining[k] -= 1
         if remaining[k] == 0:
           handles.pop(k).close()
+      bar.update(1, sizes[j])
+    bar.close()
     gathered = None
     if is_writer:
       for h in handles.values():
@@ -242,6 +252,8 @@ def export_hf_checkpoint(params: Mapping[str, Any], cfg: ModelConfig, out_dir: s
       _publish(stage, out, overwrite, local)
       stage = None
   finally:
+    if bar is not None:
+      bar.close(ok=False)  # a no-op after a finished export; on failure, ends the bar without a "done" line
     if stage is not None:  # failure: leave nothing half-written behind
       shutil.rmtree(stage, ignore_errors=True)
   if jax.process_count() > 1:

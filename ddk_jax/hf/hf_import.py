@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import ml_dtypes
@@ -29,6 +30,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
+from ddk_jax.cli import TransferProgress
 from ddk_jax.hf.hf_config import (UnsupportedCheckpointError, architecture_mismatches, model_config_from_hf)
 from ddk_jax.model import DTYPES, ModelConfig, param_shapes_and_axes
 from ddk_jax.sharding import DEFAULT_RULES, logical_to_spec
@@ -37,6 +39,7 @@ CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_log = logging.getLogger("ddk_jax.hf")
 
 # safetensors dtype tag <-> numpy dtype (bfloat16 from ml_dtypes).
 ST_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -369,7 +372,8 @@ def _norm_index(index: tuple, shape: Sequence[int]) -> tuple[tuple[int, int], ..
   return tuple(out)
 
 
-def _load_param(reader: _Reader, m: TensorMap, cfg: ModelConfig, sharding, dtype: np.dtype) -> jax.Array:
+def _load_param(reader: _Reader, m: TensorMap, cfg: ModelConfig, sharding, dtype: np.dtype,
+                on_tensor: Callable[[str], None] | None = None) -> jax.Array:
   per_layer = tuple(m.split[p] for p in m.perm)
   shape = ((cfg.num_layers,) if m.stacked else ()) + per_layer
   lead = 1 if m.stacked else 0
@@ -402,13 +406,16 @@ def _load_param(reader: _Reader, m: TensorMap, cfg: ModelConfig, sharding, dtype
       else:
         buffers[key][...] = piece
     del block
+    if on_tensor is not None:
+      on_tensor(name)
   arr = jax.make_array_from_callback(shape, sharding, lambda index: buffers[_norm_index(index, shape)])
   return arr
 
 
 def load_hf_checkpoint(path: str | os.PathLike, *, mesh: Mesh | None = None, rules=None,
                        param_dtype: str | None = None, expected_cfg: ModelConfig | None = None,
-                       config_overrides: Mapping[str, Any] | None = None) -> tuple[dict, ModelConfig]:
+                       config_overrides: Mapping[str, Any] | None = None,
+                       progress: bool | None = None) -> tuple[dict, ModelConfig]:
   """Loads an HF safetensors checkpoint into our param tree, placed with the target shardings.
 
   Args:
@@ -420,6 +427,9 @@ def load_hf_checkpoint(path: str | os.PathLike, *, mesh: Mesh | None = None, rul
     expected_cfg: the configured model; its architecture must match config.json (errors list
       every differing field) and its run-time fields (compute dtype, remat, ...) are kept.
     config_overrides: ModelConfig fields to set on the config read from config.json.
+    progress: on process 0, a tqdm bar of tensors and bytes read when True, or when None and
+      stderr is a terminal; otherwise an INFO log line (logger "ddk_jax.hf") every ~10% of
+      the bytes or 50 tensors.  Other processes report nothing.
 
   Returns:
     (params, cfg): the pure-dict param tree of `model.param_shapes_and_axes(cfg)` and the config.
@@ -438,16 +448,31 @@ def load_hf_checkpoint(path: str | os.PathLike, *, mesh: Mesh | None = None, rul
   rules = rules if rules is not None else DEFAULT_RULES
   reader = _Reader(ckpt.root, ckpt.tensors)
   params: dict = {}
+  mapping = param_mapping(cfg)
+  names = [n for m in mapping for n in m.names(cfg.num_layers)]
+  nbytes = {n: ckpt.tensors[n].end - ckpt.tensors[n].begin for n in names}
+  bar = TransferProgress(f"HF import {ckpt.root.name}", len(names), sum(nbytes.values()), progress=progress,
+                         logger=_log)
+  counted: set[str] = set()
+
+  def count(name: str) -> None:
+    if name not in counted:
+      counted.add(name)
+      bar.update(1, nbytes[name])
+
   try:
-    for m in param_mapping(cfg):
-      shape = _tree_get(shapes, m.path)
-      if mesh is None:
-        sharding = SingleDeviceSharding(jax.local_devices()[0])
-      else:
-        sharding = NamedSharding(mesh, logical_to_spec(_tree_get(axes, m.path), shape, mesh, rules))
-      arr = _load_param(reader, m, cfg, sharding, dtype)
-      assert arr.shape == tuple(shape), (m.path, arr.shape, shape)
-      _tree_set(params, m.path, arr)
+    with bar:
+      for m in mapping:
+        shape = _tree_get(shapes, m.path)
+        if mesh is None:
+          sharding = SingleDeviceSharding(jax.local_devices()[0])
+        else:
+          sharding = NamedSharding(mesh, logical_to_spec(_tree_get(axes, m.path), shape, mesh, rules))
+        arr = _load_param(reader, m, cfg, sharding, dtype, on_tensor=count)
+        assert arr.shape == tuple(shape), (m.path, arr.shape, shape)
+        _tree_set(params, m.path, arr)
+        for name in m.names(cfg.num_layers):  # layers held only by other hosts count as done too
+          count(name)
   finally:
     reader.close()
   return params, cfg
