@@ -44,7 +44,6 @@ before JAX is imported (the flags are printed with the results).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform

@@ -163,8 +163,8 @@ def main(argv=None) -> int:
     compiled.clear()
 
   print()
-  hdr = (f"| vocab | impl | chunk | args MiB | out MiB | temp MiB | peak MiB | peak vs naive "
-         f"| time s | time vs naive |")
+  hdr = ("| vocab | impl | chunk | args MiB | out MiB | temp MiB | peak MiB | peak vs naive "
+         "| time s | time vs naive |")
   print(hdr)
   print("|---" * (hdr.count("|") - 1) + "|")
   base = {r["vocab"]: r for r in rows if r["impl"] == "naive"}

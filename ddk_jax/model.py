@@ -69,7 +69,8 @@ class ModelConfig:
   compute_dtype: str = "float32"  # or "auto": bfloat16 on GPU/TPU, float32 on CPU
   remat: str = "none"  # none | full | dots
   scan_layers: bool = True
-  attention_impl: str = ""  # "": per platform (einsum on CPU, jax.nn.dot_product_attention elsewhere); "einsum" | "xla" | "cudnn"
+  # "": per platform (einsum on CPU, jax.nn.dot_product_attention elsewhere); "einsum" | "xla" | "cudnn"
+  attention_impl: str = ""
 
   @property
   def resolved_head_dim(self) -> int:
@@ -99,9 +100,11 @@ class ModelConfig:
       if int(getattr(self, key)) <= 0:
         bad(key, f"must be a positive integer, got {getattr(self, key)}")
     if self.num_heads % self.num_kv_heads:
-      bad("num_kv_heads", f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} (GQA/MQA)")
+      bad("num_kv_heads",
+          f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} (GQA/MQA)")
     if not self.head_dim and self.hidden_size % self.num_heads:
-      bad("head_dim", f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; set head_dim explicitly")
+      bad("head_dim",
+          f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; set head_dim explicitly")
     if self.resolved_head_dim % 2:
       bad("head_dim", f"RoPE needs an even head dim, got {self.resolved_head_dim}")
     if self.param_dtype not in DTYPES:

@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 
-import numpy as np
 import pytest
 
 import tiny_run

@@ -78,7 +78,8 @@ def test_qwen2_has_qkv_bias_and_window_flags():
   cfg = model_config_from_hf(_qwen2(use_sliding_window=False, sliding_window=4096, max_window_layers=28))
   assert cfg.attention_bias and cfg.tie_word_embeddings and cfg.sliding_window == 0
   # All layers windowed (max_window_layers=0) maps to one window.
-  assert model_config_from_hf(_qwen2(use_sliding_window=True, sliding_window=8, max_window_layers=0)).sliding_window == 8
+  qwen = _qwen2(use_sliding_window=True, sliding_window=8, max_window_layers=0)
+  assert model_config_from_hf(qwen).sliding_window == 8
   # Window only on some layers: refused with the reason.
   with pytest.raises(UnsupportedCheckpointError, match="per-layer windows"):
     model_config_from_hf(_qwen2(use_sliding_window=True, sliding_window=8, max_window_layers=1))
