@@ -283,17 +283,9 @@ def _check_teacher(teacher_hidden, teacher_head, student_head):
   return jax.lax.stop_gradient(teacher_hidden), jax.lax.stop_gradient(teacher_head)
 
 
-def chunked_kd_token_losses(
-  student_hidden: jax.Array,
-  student_head: jax.Array,
-  teacher_hidden: jax.Array | None,
-  teacher_head: jax.Array | None,
-  targets: jax.Array,
-  mask: jax.Array,
-  *,
-  temperature: float,
-  chunk_size: int | None = None,
-) -> tuple[jax.Array, jax.Array]:
+def chunked_kd_token_losses(student_hidden: jax.Array, student_head: jax.Array,
+    teacher_hidden: jax.Array | None, teacher_head: jax.Array | None, targets: jax.Array, mask: jax.Array, *,
+    temperature: float, chunk_size: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Chunked ``(ce_tok, kl_tok)``; same contract as ``losses.kd_token_losses``.
 
   Args:
@@ -347,18 +339,9 @@ def _loss_sum_bwd(temperature, gamma, chunk_size, res, cts):
 _loss_sum.defvjp(_loss_sum_fwd, _loss_sum_bwd)
 
 
-def chunked_kd_loss_sum(
-  student_hidden: jax.Array,
-  student_head: jax.Array,
-  teacher_hidden: jax.Array | None,
-  teacher_head: jax.Array | None,
-  targets: jax.Array,
-  mask: jax.Array,
-  *,
-  temperature: float,
-  gamma: float,
-  chunk_size: int | None = None,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+def chunked_kd_loss_sum(student_hidden: jax.Array, student_head: jax.Array, teacher_hidden: jax.Array | None,
+    teacher_head: jax.Array | None, targets: jax.Array, mask: jax.Array, *, temperature: float, gamma: float,
+    chunk_size: int | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """Training form: ``(sum(ce_tok) + gamma * sum(kl_tok), (ce_tok, kl_tok))``.
 
   Arguments as in ``chunked_kd_token_losses``, plus the static ``gamma``.

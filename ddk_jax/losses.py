@@ -57,14 +57,8 @@ def _target_logit(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
 
 
-def kd_token_losses_from_logits(
-  student_logits: jax.Array,
-  teacher_logits: jax.Array | None,
-  targets: jax.Array,
-  mask: jax.Array,
-  *,
-  temperature: float,
-) -> tuple[jax.Array, jax.Array]:
+def kd_token_losses_from_logits(student_logits: jax.Array, teacher_logits: jax.Array | None,
+    targets: jax.Array, mask: jax.Array, *, temperature: float) -> tuple[jax.Array, jax.Array]:
   """Per-token CE and ``T^2``-scaled KL from logits.
 
   Args:
@@ -93,16 +87,9 @@ def kd_token_losses_from_logits(
   return ce_tok, kl_tok
 
 
-def kd_token_losses(
-  student_hidden: jax.Array,
-  student_head: jax.Array,
-  teacher_hidden: jax.Array | None,
-  teacher_head: jax.Array | None,
-  targets: jax.Array,
-  mask: jax.Array,
-  *,
-  temperature: float,
-) -> tuple[jax.Array, jax.Array]:
+def kd_token_losses(student_hidden: jax.Array, student_head: jax.Array, teacher_hidden: jax.Array | None,
+    teacher_head: jax.Array | None, targets: jax.Array, mask: jax.Array, *,
+    temperature: float) -> tuple[jax.Array, jax.Array]:
   """Naive CE + KD token losses from final hidden states and head weights.
 
   Args:
@@ -127,9 +114,8 @@ def kd_token_losses(
   return kd_token_losses_from_logits(z_s, z_t, targets, mask, temperature=temperature)
 
 
-def per_domain_sums(
-  values_tok: jax.Array, mask: jax.Array, domain_id: jax.Array, num_domains: int
-) -> tuple[jax.Array, jax.Array]:
+def per_domain_sums(values_tok: jax.Array, mask: jax.Array, domain_id: jax.Array,
+    num_domains: int) -> tuple[jax.Array, jax.Array]:
   """Sum of ``values_tok`` and count of valid tokens per domain.
 
   Args:
