@@ -221,7 +221,6 @@ def test_cli(tmp_path, tok_dir):
   config_file = tmp_path / "cfg.py"
   config_file.write_text(textwrap.dedent(f"""
       import ml_collections
-      import data_helpers as testing
 
       def get_config():
         c = ml_collections.ConfigDict()
