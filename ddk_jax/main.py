@@ -82,7 +82,8 @@ def _main(argv) -> None:
   multihost.initialize_or_exit()
   from ddk_jax import checkpointing, config_validation, trainer
 
-  workdir = _WORKDIR.value or os.path.join("runs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
+  config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+  workdir = _WORKDIR.value or os.path.join("runs", config_name)
   try:
     enable_compilation_cache(cfg.compilation_cache_dir)
     # Validates the config before any work, pre-trains what the config asks for, then trains.

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from ddk_jax.hf import (CheckpointError, UnsupportedCheckpointError, check_vocab_compatible, export_hf_checkpoint,
+from ddk_jax.hf import (HFCheckpointError, UnsupportedCheckpointError, check_vocab_compatible, export_hf_checkpoint,
                         load_hf_checkpoint, validate_checkpoint_dir)
 from ddk_jax.hf import hf_export
 from ddk_jax.hf.hf_import import read_safetensors_header
@@ -55,21 +55,21 @@ def test_validate_ok(params, tmp_path):
 
 
 def test_missing_directory(tmp_path):
-  with pytest.raises(CheckpointError, match="does not exist"):
+  with pytest.raises(HFCheckpointError, match="does not exist"):
     validate_checkpoint_dir(tmp_path / "nope")
 
 
 def test_missing_config_json(params, tmp_path):
   path = make_ckpt(tmp_path / "c", params)
   (path / "config.json").unlink()
-  with pytest.raises(CheckpointError, match=r"config\.json is missing"):
+  with pytest.raises(HFCheckpointError, match=r"config\.json is missing"):
     validate_checkpoint_dir(path)
 
 
 def test_missing_safetensors(params, tmp_path):
   path = make_ckpt(tmp_path / "c", params)
   (path / "model.safetensors").unlink()
-  with pytest.raises(CheckpointError, match=r"model\.safetensors is missing"):
+  with pytest.raises(HFCheckpointError, match=r"model\.safetensors is missing"):
     load_hf_checkpoint(path)
 
 
@@ -78,7 +78,7 @@ def test_missing_shard_named(params, tmp_path):
   shards = sorted(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values()))
   assert len(shards) > 2
   (path / shards[1]).unlink()
-  with pytest.raises(CheckpointError, match=re.escape(shards[1]) + r" is missing: "
+  with pytest.raises(HFCheckpointError, match=re.escape(shards[1]) + r" is missing: "
                                             r"model\.safetensors\.index\.json maps tensors"):
     validate_checkpoint_dir(path)
 
@@ -90,14 +90,14 @@ def test_missing_tensor_named(params, tmp_path):
   tensors = load_file(str(path / "model.safetensors"))
   del tensors["model.layers.1.mlp.up_proj.weight"]
   save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-  with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.1\.mlp\.up_proj\.weight' is missing"):
+  with pytest.raises(HFCheckpointError, match=r"tensor 'model\.layers\.1\.mlp\.up_proj\.weight' is missing"):
     validate_checkpoint_dir(path)
 
 
 def test_shape_mismatch_names_tensor_and_shapes(params, tmp_path):
   path = make_ckpt(tmp_path / "c", params)
   edit_config(path, intermediate_size=96)
-  with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.0\.mlp\.gate_proj\.weight' has shape "
+  with pytest.raises(HFCheckpointError, match=r"tensor 'model\.layers\.0\.mlp\.gate_proj\.weight' has shape "
                                             r"\[128, 64\] in model\.safetensors, but config\.json implies \[96, 64\]"):
     load_hf_checkpoint(path)
 
@@ -127,16 +127,16 @@ def test_pickle_checkpoints_refused_with_conversion_hint(name, tmp_path):
   (path / "config.json").write_text(json.dumps(hf_export.hf_config_from_model_config(CFG)))
   # Not a valid pickle either: the loader must refuse by name, never try to open it.
   (path / name).write_bytes(b"\x80\x04 definitely not to be unpickled")
-  with pytest.raises(CheckpointError, match=r"only pickle weights .*safe_serialization=True"):
+  with pytest.raises(HFCheckpointError, match=r"only pickle weights .*safe_serialization=True"):
     validate_checkpoint_dir(path)
-  with pytest.raises(CheckpointError, match=r"pickle checkpoint file.*never unpickles"):
+  with pytest.raises(HFCheckpointError, match=r"pickle checkpoint file.*never unpickles"):
     load_hf_checkpoint(path / name)
 
 
 def test_expected_cfg_mismatch_lists_fields(params, tmp_path):
   path = make_ckpt(tmp_path / "c", params)
   wrong = dataclasses.replace(CFG, num_layers=3, rope_theta=500000.0)
-  with pytest.raises(CheckpointError, match=r"num_layers: 2 vs 3; rope_theta: 10000\.0 vs 500000\.0"):
+  with pytest.raises(HFCheckpointError, match=r"num_layers: 2 vs 3; rope_theta: 10000\.0 vs 500000\.0"):
     load_hf_checkpoint(path, expected_cfg=wrong)
 
 

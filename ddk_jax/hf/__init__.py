@@ -12,17 +12,17 @@ from ddk_jax.hf.hf_config import (
 )
 from ddk_jax.hf.hf_export import export_hf_checkpoint
 from ddk_jax.hf.hf_import import (
-    CheckpointError,
+    HFCheckpointError,
     check_vocab_compatible,
     load_hf_checkpoint,
     open_checkpoint,
-    param_mapping,
     validate_checkpoint_dir,
 )
+from ddk_jax.hf.param_names import param_mapping
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
-    "CheckpointError",
+    "HFCheckpointError",
     "UnsupportedCheckpointError",
     "check_vocab_compatible",
     "export_hf_checkpoint",

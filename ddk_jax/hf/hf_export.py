@@ -32,7 +32,8 @@ from jax.experimental import multihost_utils
 
 from ddk_jax.cli import TransferProgress
 from ddk_jax.hf.hf_config import hf_config_from_model_config
-from ddk_jax.hf.hf_import import CONFIG_FILE, INDEX_FILE, NP_TO_ST, SINGLE_FILE, TensorMap, param_mapping
+from ddk_jax.hf.hf_import import CONFIG_FILE, INDEX_FILE, NP_TO_ST, SINGLE_FILE
+from ddk_jax.hf.param_names import TensorMap, param_mapping
 from ddk_jax.model import DTYPES, ModelConfig, param_shapes_and_axes
 
 _log = logging.getLogger("ddk_jax.hf")
@@ -107,7 +108,8 @@ def _check_params(params: Mapping[str, Any], cfg: ModelConfig) -> None:
     for k in m.path:
       want = want[k]
     if tuple(node.shape) != tuple(want):
-      raise ValueError(f"param {'/'.join(m.path)} has shape {tuple(node.shape)}, the model config implies {tuple(want)}.")
+      raise ValueError(f"param {'/'.join(m.path)} has shape {tuple(node.shape)}, the model config implies "
+                       f"{tuple(want)}.")
 
 
 def _copy_tokenizer(tokenizer_path, dest: str, bos_token_id, eos_token_id) -> list[str]:

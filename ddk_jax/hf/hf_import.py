@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from ddk_jax.cli import TransferProgress
 from ddk_jax.hf.hf_config import (UnsupportedCheckpointError, architecture_mismatches, model_config_from_hf)
+from ddk_jax.hf.param_names import TensorMap, param_mapping
 from ddk_jax.model import DTYPES, ModelConfig, param_shapes_and_axes
 from ddk_jax.sharding import DEFAULT_RULES, logical_to_spec
 
@@ -47,7 +48,7 @@ ST_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
 NP_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 
 
-class CheckpointError(ValueError):
+class HFCheckpointError(ValueError):
   """A checkpoint directory is missing a file or holds unusable tensors."""
 
 
@@ -58,56 +59,6 @@ def convert_hint(path: str) -> str:
       ".save_pretrained(OUT_DIR, safe_serialization=True)` (copy the tokenizer files along, e.g. with "
       "`AutoTokenizer.from_pretrained(IN_DIR).save_pretrained(OUT_DIR)`), or download the repo's safetensors "
       f"files instead. Checkpoint: {path}")
-
-
-# ----------------------------------------------------------------------------- mapping
-
-@dataclasses.dataclass(frozen=True)
-class TensorMap:
-  """How one of our params is made from HF tensors.
-
-  Per layer, `ours = hf.reshape(split).transpose(perm)`; `hf_name` has `{i}` for the layer
-  index when `stacked`.  HF linear weights are [out, in], ours [in, out] split by heads.
-  """
-  path: tuple[str, ...]
-  hf_name: str
-  hf_shape: tuple[int, ...]
-  split: tuple[int, ...]
-  perm: tuple[int, ...]
-  stacked: bool
-
-  def names(self, num_layers: int) -> list[str]:
-    return [self.hf_name.format(i=i) for i in range(num_layers)] if self.stacked else [self.hf_name]
-
-
-def param_mapping(cfg: ModelConfig) -> list[TensorMap]:
-  """The HF <-> ours correspondence for every param of `cfg` (the single source for import and export)."""
-  H, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-  N, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
-  lay = "model.layers.{i}."
-  out = [TensorMap(("embed",), "model.embed_tokens.weight", (V, H), (V, H), (0, 1), False)]
-  layer_maps = [
-      ("attn_norm", "input_layernorm.weight", (H,), (H,), (0,)),
-      ("wq", "self_attn.q_proj.weight", (N * D, H), (N, D, H), (2, 0, 1)),
-      ("wk", "self_attn.k_proj.weight", (K * D, H), (K, D, H), (2, 0, 1)),
-      ("wv", "self_attn.v_proj.weight", (K * D, H), (K, D, H), (2, 0, 1)),
-      ("wo", "self_attn.o_proj.weight", (H, N * D), (H, N, D), (1, 2, 0)),
-      ("mlp_norm", "post_attention_layernorm.weight", (H,), (H,), (0,)),
-      ("w_gate", "mlp.gate_proj.weight", (F, H), (F, H), (1, 0)),
-      ("w_up", "mlp.up_proj.weight", (F, H), (F, H), (1, 0)),
-      ("w_down", "mlp.down_proj.weight", (H, F), (H, F), (1, 0)),
-  ]
-  if cfg.attention_bias:
-    layer_maps += [
-        ("bq", "self_attn.q_proj.bias", (N * D,), (N, D), (0, 1)),
-        ("bk", "self_attn.k_proj.bias", (K * D,), (K, D), (0, 1)),
-        ("bv", "self_attn.v_proj.bias", (K * D,), (K, D), (0, 1)),
-    ]
-  out += [TensorMap(("layers", ours), lay + hf, hs, sp, pm, True) for ours, hf, hs, sp, pm in layer_maps]
-  out.append(TensorMap(("final_norm",), "model.norm.weight", (H,), (H,), (0,), False))
-  if not cfg.tie_word_embeddings:
-    out.append(TensorMap(("lm_head",), "lm_head.weight", (V, H), (V, H), (1, 0), False))
-  return out
 
 
 def _tree_get(tree: Mapping[str, Any], path: Sequence[str]) -> Any:
@@ -138,14 +89,14 @@ def read_safetensors_header(path: epath.Path) -> dict[str, TensorInfo]:
   with path.open("rb") as f:
     head = f.read(8)
     if len(head) != 8:
-      raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes).")
+      raise HFCheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes).")
     n = int.from_bytes(head, "little")
     if n <= 0 or n > 100 * 2**20:
-      raise CheckpointError(f"{path}: not a safetensors file (header length {n}).")
+      raise HFCheckpointError(f"{path}: not a safetensors file (header length {n}).")
     try:
       header = json.loads(f.read(n))
     except ValueError as e:
-      raise CheckpointError(f"{path}: corrupt safetensors header ({e}).") from e
+      raise HFCheckpointError(f"{path}: corrupt safetensors header ({e}).") from e
   start = 8 + n
   out = {}
   for name, meta in header.items():
@@ -160,7 +111,7 @@ def read_safetensors_header(path: epath.Path) -> dict[str, TensorInfo]:
     else:
       dtype = ST_DTYPES[tag]
       if e - b != math.prod(shape) * dtype.itemsize:
-        raise CheckpointError(f"{path}: tensor {name!r} has {e - b} bytes for shape {list(shape)} {tag}; "
+        raise HFCheckpointError(f"{path}: tensor {name!r} has {e - b} bytes for shape {list(shape)} {tag}; "
                               "the file is corrupt or truncated.")
     out[name] = TensorInfo(path.name, dtype if dtype is not None else tag, shape, start + b, start + e)
   return out
@@ -178,7 +129,7 @@ class _Reader:
     """Flat elements [elem_start, elem_stop) of tensor `name` (C order), in its stored dtype."""
     info = self.tensors[name]
     if not isinstance(info.dtype, np.dtype):
-      raise CheckpointError(f"tensor {name!r} in {info.file} has dtype {info.dtype}; supported: "
+      raise HFCheckpointError(f"tensor {name!r} in {info.file} has dtype {info.dtype}; supported: "
                             f"{sorted(ST_DTYPES)}.")
     f = self._files.get(info.file)
     if f is None:
@@ -188,7 +139,7 @@ class _Reader:
     count = elem_stop - elem_start
     data = f.read(count * item)
     if len(data) != count * item:
-      raise CheckpointError(f"{self.root / info.file}: truncated while reading tensor {name!r}.")
+      raise HFCheckpointError(f"{self.root / info.file}: truncated while reading tensor {name!r}.")
     return np.frombuffer(data, dtype=info.dtype)
 
   def close(self) -> None:
@@ -228,12 +179,14 @@ def _find_weight_files(root: epath.Path) -> list[str]:
       index = json.loads(index_path.read_text())
       weight_map = index["weight_map"]
     except (ValueError, KeyError) as e:
-      raise CheckpointError(f"{index_path}: unreadable index ({e!r}); expected a JSON object with 'weight_map'.") from e
+      raise HFCheckpointError(
+          f"{index_path}: unreadable index ({e!r}); expected a JSON object with 'weight_map'.") from e
     files = sorted(set(weight_map.values()))
     for name in files:
       if not (root / name).exists():
-        raise CheckpointError(
-            f"{root / name} is missing: {INDEX_FILE} maps tensors (e.g. {next(k for k, v in weight_map.items() if v == name)!r}) "
+        example = next(k for k, v in weight_map.items() if v == name)
+        raise HFCheckpointError(
+            f"{root / name} is missing: {INDEX_FILE} maps tensors (e.g. {example!r}) "
             "to it. Re-download or re-copy the full checkpoint.")
     return files
   if (root / SINGLE_FILE).exists():
@@ -241,15 +194,15 @@ def _find_weight_files(root: epath.Path) -> list[str]:
   names = _list_names(root)
   pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES) or n == "pytorch_model.bin.index.json"]
   if pickles:
-    raise CheckpointError(f"{root} has only pickle weights ({', '.join(pickles[:4])}). " + convert_hint(str(root)))
+    raise HFCheckpointError(f"{root} has only pickle weights ({', '.join(pickles[:4])}). " + convert_hint(str(root)))
   others = [n for n in names if n.endswith(".safetensors")]
   if "consolidated.safetensors" in others or "params.json" in names:
-    raise CheckpointError(
+    raise HFCheckpointError(
         f"{root} looks like a Mistral-native checkpoint (consolidated.safetensors / params.json), whose tensor "
         "names are not transformers'. Use the repo's transformers-format files (config.json + model*.safetensors).")
   if others:
     return others
-  raise CheckpointError(
+  raise HFCheckpointError(
       f"{root / SINGLE_FILE} is missing (and there is no {INDEX_FILE} for a sharded checkpoint). "
       "Point to a Hugging Face model directory saved with safetensors.")
 
@@ -262,18 +215,18 @@ def open_checkpoint(path: str | os.PathLike, config_overrides: Mapping[str, Any]
   """
   root = _as_path(path)
   if str(path).endswith(PICKLE_SUFFIXES):
-    raise CheckpointError(f"{path} is a pickle checkpoint file. " + convert_hint(str(path)))
+    raise HFCheckpointError(f"{path} is a pickle checkpoint file. " + convert_hint(str(path)))
   if not root.exists():
-    raise CheckpointError(f"checkpoint directory {root} does not exist.")
+    raise HFCheckpointError(f"checkpoint directory {root} does not exist.")
   if not root.is_dir():
-    raise CheckpointError(f"{root} is a file; pass the Hugging Face model directory that holds {CONFIG_FILE}.")
+    raise HFCheckpointError(f"{root} is a file; pass the Hugging Face model directory that holds {CONFIG_FILE}.")
   config_path = root / CONFIG_FILE
   if not config_path.exists():
-    raise CheckpointError(f"{config_path} is missing; a Hugging Face checkpoint directory needs {CONFIG_FILE}.")
+    raise HFCheckpointError(f"{config_path} is missing; a Hugging Face checkpoint directory needs {CONFIG_FILE}.")
   try:
     config_json = json.loads(config_path.read_text())
   except ValueError as e:
-    raise CheckpointError(f"{config_path}: invalid JSON ({e}).") from e
+    raise HFCheckpointError(f"{config_path}: invalid JSON ({e}).") from e
   cfg = model_config_from_hf(config_json, where=str(config_path), **dict(config_overrides or {}))
   files = _find_weight_files(root)
   tensors: dict[str, TensorInfo] = {}
@@ -293,7 +246,7 @@ def _check_tensors(ckpt: HFCheckpoint) -> None:
   where = ", ".join(ckpt.files) if len(ckpt.files) <= 3 else f"{len(ckpt.files)} safetensors files"
   missing = [n for n in expected if n not in ckpt.tensors]
   if missing:
-    raise CheckpointError(
+    raise HFCheckpointError(
         f"{ckpt.root}: tensor {missing[0]!r} is missing from {where}"
         + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else "")
         + ". The files do not match config.json (wrong directory, a partial download, or a different architecture).")
@@ -303,7 +256,7 @@ def _check_tensors(ckpt: HFCheckpoint) -> None:
           f"{ckpt.root}: tensor {name!r} is stored as {ckpt.tensors[name].dtype}; supported: {sorted(ST_DTYPES)} "
           "(quantized checkpoints are not supported).")
     if ckpt.tensors[name].shape != shape:
-      raise CheckpointError(
+      raise HFCheckpointError(
           f"{ckpt.root}: tensor {name!r} has shape {list(ckpt.tensors[name].shape)} in {ckpt.tensors[name].file}, "
           f"but config.json implies {list(shape)}.")
   # Tensors we would silently drop mean weights the model does not compute with; refuse them.
@@ -332,7 +285,7 @@ def validate_checkpoint_dir(path: str | os.PathLike, expected_cfg: ModelConfig |
 def _check_expected(ckpt: HFCheckpoint, expected_cfg: ModelConfig) -> None:
   diffs = architecture_mismatches(ckpt.cfg, expected_cfg)
   if diffs:
-    raise CheckpointError(
+    raise HFCheckpointError(
         f"{ckpt.root / CONFIG_FILE} does not match the configured model (checkpoint vs config): "
         + "; ".join(diffs) + ". Fix the model config or point to the right checkpoint.")
 
