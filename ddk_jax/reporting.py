@@ -53,7 +53,8 @@ class MetricsWriter:
     if current > size:
       self._file.flush()
       os.truncate(path, size)
-      what = f"after checkpoint step {restored_step}" if restored_step is not None else "by an attempt with no checkpoint"
+      what = (f"after checkpoint step {restored_step}" if restored_step is not None
+              else "by an attempt with no checkpoint")
       _log.info("metrics.jsonl: dropped %d bytes of rows logged %s (they are logged again).", current - size, what)
     elif current < size:
       _log.warning("metrics.jsonl is shorter (%d bytes) than when step %s was saved (%d bytes); rows before the "
