@@ -17,3 +17,5 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llv
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", int(os.environ.get("DDK_TEST_NUM_DEVICES", "8")))
+
+pytest_plugins = ["gcs_emulator"]  # gcs_emulator / gcs_bucket / gcs_dir fixtures: a local GCS (tests/gcs_emulator.py)
