@@ -14,6 +14,7 @@ import os
 
 import ml_collections
 
+from ddk_jax import storage
 from ddk_jax.errors import TrainingError
 
 _log = logging.getLogger("ddk_jax")
@@ -22,8 +23,8 @@ _log = logging.getLogger("ddk_jax")
 def _resolve_model_path(cfg: ml_collections.ConfigDict, which: str, workdir: str) -> None:
   section = cfg[which]
   if section.source == "workdir" and section.path and not os.path.isabs(section.path) \
-      and not section.path.startswith("gs://"):
-    section.path = os.path.join(os.path.abspath(workdir), section.path)
+      and not storage.is_remote(section.path):
+    section.path = storage.join(storage.resolve(workdir), section.path)
 
 
 def _check_model_source(cfg: ml_collections.ConfigDict, which: str) -> None:
@@ -33,7 +34,7 @@ def _check_model_source(cfg: ml_collections.ConfigDict, which: str) -> None:
   if section.source == "hf":
     from ddk_jax import hf
     hf.validate_checkpoint_dir(section.path)  # config.json + safetensors headers; errors name the file
-  elif (section.source == "workdir" and int(section.pretrain_steps) <= 0 and not str(section.path).startswith("gs://")
+  elif (section.source == "workdir" and int(section.pretrain_steps) <= 0
         and checkpointing.latest_good_step(section.path) is None):
     raise TrainingError(
         f"{which}.source='workdir' but {which}.path={section.path!r} has no committed checkpoint to take the "
@@ -88,8 +89,7 @@ def prepare_models(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[ml_col
     section = cfg[which]
     if section.source != "workdir" or int(section.pretrain_steps) <= 0:
       continue
-    summary_path = os.path.join(section.path, "summary.json")
-    if os.path.exists(summary_path):
+    if storage.exists(storage.join(section.path, "summary.json")):
       _log.info("%s: using the pre-trained model in %s", which, section.path)
       continue
     _log.info("%s: pre-training %d steps (mode cpt) into %s", which, int(section.pretrain_steps), section.path)

@@ -37,6 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ddk_jax import model as model_lib
+from ddk_jax import storage
 from ddk_jax import train_step as ts
 from ddk_jax.model import ModelConfig
 
@@ -121,18 +122,25 @@ def move_aside(directory: str, step: int, why: str) -> str:
   """Renames step directory `<step>` to `<step>.unusable-<time>` (never deletes it).
 
   Orbax only recognises all-digit names, so the renamed directory is ignored from then on
-  (a later save of the same step does not collide with it).  Process 0 renames; callers
+  (a later save of the same step does not collide with it).  On gs:// the step goes to
+  `<workdir>/checkpoints.unusable/<step>-<time>` (a rename there copies every object).
+  Process 0 renames; callers
   on several processes must synchronise afterwards.
   """
   src = epath.Path(directory) / str(step)
   stamp = time.strftime("%Y%m%dT%H%M%S")
-  dst = src.parent / f"{step}.unusable-{stamp}"
+  # On an object store orbax deletes every uncommitted directory in its root when it
+  # starts, so a step set aside there would be lost: it is kept beside the root instead.
+  remote = storage.is_remote(directory)
+  aside = src.parent.parent / "checkpoints.unusable" if remote else src.parent
+  name = f"{step}-{stamp}" if remote else f"{step}.unusable-{stamp}"
+  dst = aside / name
   if jax.process_index() == 0:
     n = 0
     while dst.exists():
       n += 1
-      dst = src.parent / f"{step}.unusable-{stamp}-{n}"
-    src.rename(dst)
+      dst = aside / f"{name}-{n}"
+    storage.move_dir(os.fspath(src), os.fspath(dst))
   _log.warning("checkpoint step %d in %s is unusable (%s); moved it to %s and ignore it.", step, directory,
                why, dst.name)
   return os.fspath(dst)
@@ -274,7 +282,7 @@ class RunCheckpoints:
 
   def __init__(self, workdir: str, ckpt_cfg: Any):
     self.directory = checkpoint_dir(workdir)
-    os.makedirs(self.directory, exist_ok=True)
+    storage.makedirs(self.directory)
     good, bad = scan_steps(self.directory)
     for step, why in bad:
       move_aside(self.directory, step, why)

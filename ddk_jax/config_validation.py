@@ -103,6 +103,13 @@ def validate_config(cfg: Any, num_devices: int) -> None:
                       f"size {dp}; use a multiple of {dp}.")
   if float(cfg.ddk.floor) < 0 or float(cfg.ddk.floor) * max(len(cfg.data.domains), 1) > 1:
     raise ConfigError(f"ddk.floor={cfg.ddk.floor!r}: must be >= 0 and floor * number of domains <= 1.")
+  prepared = str(cfg.data.get("prepared_dir") or "")
+  if "://" in prepared:
+    raise ConfigError(
+        f"data.prepared_dir={prepared}: prepared shards are read with a local-disk reader, so they cannot be "
+        "read from a bucket directly. Mount the bucket with gcsfuse (e.g. gcsfuse BUCKET /mnt/bucket) and set "
+        "data.prepared_dir to the mounted path, or prepare to a local disk. Sources, models and the workdir "
+        "may stay on gs://.")
   for which in ("teacher", "student"):
     if int(cfg[which].pretrain_steps) < 0:
       raise ConfigError(f"{which}.pretrain_steps={cfg[which].pretrain_steps!r}: must be >= 0.")

@@ -15,7 +15,6 @@ lists the ones there are), or an --out that exists (pass --overwrite).
 from __future__ import annotations
 
 import json
-import os
 
 from absl import flags
 
@@ -99,8 +98,9 @@ def export_run(workdir: str, out: str, *, step: int | None = None, architecture:
     tok = load_tokenizer(tokenizer)
     ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
   if architecture is None and run_cfg["student"]["source"] == "hf":
-    with open(os.path.join(run_cfg["student"]["path"], "config.json"), encoding="utf-8") as f:
-      architecture = (json.load(f).get("architectures") or [None])[0]
+    from ddk_jax import storage
+    config_json = json.loads(storage.read_text(storage.join(run_cfg["student"]["path"], "config.json")))
+    architecture = (config_json.get("architectures") or [None])[0]
   return export_hf_checkpoint(params, cfg, out, architecture=architecture, tokenizer_path=tokenizer,
                               max_shard_size_bytes=max_shard_size_bytes, dtype=dtype, overwrite=overwrite,
                               progress=progress, **ids)

@@ -100,7 +100,8 @@ def _main(argv) -> None:
   if summary["status"] == "preempted":
     sys.exit(EXIT_PREEMPTED)
   if summary["status"] == "done":
-    print(f"\nDone. Report: {os.path.join(os.path.abspath(workdir), 'report.md')}")
+    from ddk_jax import storage
+    print(f"\nDone. Report: {storage.join(storage.resolve(workdir), 'report.md')}")
 
 
 def run() -> None:

@@ -36,7 +36,7 @@ from typing import IO, Any
 
 __all__ = [
     "AppendLog", "LocalMirror", "StorageError", "check_writable", "exists", "getsize", "is_remote", "isdir",
-    "join", "listdir", "makedirs", "open", "read_bytes", "read_text", "remove", "require_local", "resolve", "truncate",
+    "join", "listdir", "makedirs", "move_dir", "open", "read_bytes", "read_text", "remove", "require_local", "resolve", "truncate",
     "upload_dir", "upload_file", "write_bytes", "write_bytes_atomic", "write_text",
 ]
 
@@ -288,6 +288,21 @@ def upload_dir(local: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
       upload_file(os.path.join(root, name), join(dest, rel))
       copied.append(rel)
   return sorted(copied)
+
+
+def move_dir(src: str | os.PathLike, dest: str | os.PathLike) -> None:
+  """Renames a directory locally; on an object store copies every object under `src` to
+  the same relative name under `dest`, then deletes `src` (there is no rename there)."""
+  src, dest = os.fspath(src), os.fspath(dest)
+  if not is_remote(src):
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    os.rename(src, dest)
+    return
+  fs, root = _fs(src)
+  _, dest_root = _fs(dest)
+  for name in fs.find(root):
+    fs.copy(name, dest_root.rstrip("/") + "/" + name[len(root):].lstrip("/"))
+  fs.rm(root, recursive=True)
 
 
 def check_writable(directory: str | os.PathLike) -> str:

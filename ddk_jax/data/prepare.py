@@ -334,8 +334,9 @@ def prepare(data_cfg: Any, *, progress: bool = True,
   prepared_dir = os.fspath(require_key(data_cfg, "prepared_dir"))
   if "://" in prepared_dir:
     raise DataConfigError(
-        f"data.prepared_dir={prepared_dir}: prepare writes to local disk; "
-        "prepare locally, then copy the directory (e.g. gsutil -m cp -r).")
+        f"data.prepared_dir={prepared_dir}: prepared shards are written and read on a local disk; "
+        "prepare to a local directory, or to a bucket mounted with gcsfuse (set data.prepared_dir to "
+        "the mounted path).")
   tok = load_tokenizer_from_config(data_cfg)
   os.makedirs(prepared_dir, exist_ok=True)
   old = _read_json(os.path.join(prepared_dir, MANIFEST))

@@ -128,9 +128,45 @@ def _token_id(backend: tokenizers.Tokenizer, token: str, what: str,
   return tid
 
 
+# The files a tokenizer is made of; what else an HF directory holds (weights) is not copied.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def _local_copy(url: str) -> str:
+  """A local copy of a tokenizer on gs:// (a tokenizer.json or an HF directory), cached
+  under ~/.cache/ddk_jax/tokenizers by URL; the tokenizer libraries read local files only."""
+  import hashlib
+  from ddk_jax import storage
+  cache = os.path.join(os.path.expanduser("~/.cache/ddk_jax/tokenizers"),
+                       hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16])
+  try:
+    if url.endswith(".json"):
+      names, src_dir = [url.rsplit("/", 1)[1]], url.rsplit("/", 1)[0]
+    else:
+      names, src_dir = [n for n in _TOKENIZER_FILES if storage.exists(storage.join(url, n))], url
+    if not names:
+      raise DataConfigError(f"tokenizer {url}: no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}, ...) "
+                            "there. Fix data.tokenizer.")
+    tmp = f"{cache}.tmp-{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    for n in names:
+      with open(os.path.join(tmp, n), "wb") as f:
+        f.write(storage.read_bytes(storage.join(src_dir, n)))
+  except OSError as e:
+    raise DataConfigError(f"tokenizer {url}: cannot be read ({e}). Check the path and your access to the "
+                          "bucket.") from None
+  os.makedirs(os.path.dirname(cache), exist_ok=True)
+  if os.path.isdir(cache):
+    import shutil
+    shutil.rmtree(cache, ignore_errors=True)
+  os.replace(tmp, cache)
+  return os.path.join(cache, names[0]) if url.endswith(".json") else cache
+
+
 def load_tokenizer(path: str, *, bos_token: Any = _UNSET,
                    eos_token: Any = _UNSET) -> TextTokenizer:
-  """Loads a tokenizer from a local tokenizer.json or HF directory.
+  """Loads a tokenizer from a tokenizer.json or HF directory (local, or gs:// copied locally).
 
   `bos_token` / `eos_token`: token strings overriding the tokenizer's own
   (pass None for bos_token to force "no BOS"). Unset: detected as described in
@@ -141,9 +177,7 @@ def load_tokenizer(path: str, *, bos_token: Any = _UNSET,
         "data.tokenizer is not set; give a local tokenizer.json file or a "
         "Hugging Face tokenizer directory.")
   if "://" in str(path):
-    raise DataConfigError(
-        f"tokenizer {path}: only local tokenizer paths are supported; copy "
-        "the tokenizer files to local disk first.")
+    path = _local_copy(str(path))
   path = os.fspath(path)
   if not os.path.exists(path):
     raise DataConfigError(f"tokenizer {path}: no such file or directory. Fix "
