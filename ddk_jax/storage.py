@@ -36,8 +36,8 @@ from typing import IO, Any
 
 __all__ = [
     "AppendLog", "LocalMirror", "StorageError", "check_writable", "exists", "getsize", "is_remote", "isdir",
-    "join", "listdir", "makedirs", "move_dir", "open", "read_bytes", "read_text", "remove", "require_local", "resolve", "truncate",
-    "upload_dir", "upload_file", "write_bytes", "write_bytes_atomic", "write_text",
+    "join", "listdir", "makedirs", "move_dir", "open", "read_bytes", "read_text", "remove", "require_local",
+    "resolve", "truncate", "upload_dir", "upload_file", "write_bytes", "write_bytes_atomic", "write_text",
 ]
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -303,6 +303,10 @@ def move_dir(src: str | os.PathLike, dest: str | os.PathLike) -> None:
   for name in fs.find(root):
     fs.copy(name, dest_root.rstrip("/") + "/" + name[len(root):].lstrip("/"))
   fs.rm(root, recursive=True)
+  # Other instances of this file system (etils.epath's, which orbax uses) cache listings
+  # that still show `src`.
+  for instance in list(getattr(type(fs), "_cache", {}).values()):
+    instance.invalidate_cache()
 
 
 def check_writable(directory: str | os.PathLike) -> str:
