@@ -4,20 +4,23 @@ r"""Per-device memory of a KD train step, estimated from the configs before anyt
     python -m ddk_jax.memory_estimate --config=configs/tinyllama.py --num_devices=16 \
         --platform=tpu --device_memory_gib=32
 
-Counts, per device, what one optimizer step of `ddk_jax.train_step` keeps alive: the
-student's params, grads and AdamW moments, the frozen teacher's params, the activations
-the student's backward pass needs (set by `student.model.remat`), the working set of one
-layer, the teacher's forward, the chunked loss's [tokens, vocab] blocks and the
-transient full copies of sharded weights.  Every term is a closed formula over the two
+Counts, per device, what one optimizer step of `ddk_jax.train_step` and the DDK
+controller's eval step keep alive: the student's params, grads and AdamW moments, the
+frozen teacher's params (resident), then per phase (teacher forward, student forward +
+loss, student backward, optimizer update, eval) the activations the student's backward
+needs (set by `student.model.remat`), the working set of one layer, the chunked loss's
+[tokens, vocab] blocks and the transient full copies of sharded weights.  The peak is the
+resident state plus the largest phase.  Every term is a closed formula over the two
 `ModelConfig`s, the micro-batch, the dtypes and the mesh (below, and in docs/gpu.md);
-`compiled_step_bytes` compiles the real step and reads XLA's own figure, which the
-tests compare the estimate with.
+`compiled_step_bytes` / `compiled_eval_bytes` compile the real steps and read XLA's own
+figures, which the tests compare the estimate with (within a factor 1.5).
 
 Notation (per device): b = rows of one micro-batch on this device
 (global_batch / grad_accum / data-parallel size), S = seq_len, H hidden, F intermediate,
 N / K query / kv heads and D head dim (heads and F divided by the tensor axis when it
 divides them), L layers, V vocab, c = bytes of the compute dtype, p = bytes of a
-param dtype.
+param dtype, keys = keys per query whose attention scores are materialised, a = bytes of
+q/k/v as attention takes them, m = copies of K/V the attention keeps.
 """
 
 from __future__ import annotations
@@ -261,8 +264,8 @@ def student_saved_activations(s: Setup) -> tuple[int, str]:
   per_tok = layer_residual_bytes_per_token(st, c, t, kind, s.seq_len)
   casts = weight_cast_bytes(st, c, s.mesh, s.rules)
   return (int(L * _tokens(s) * per_tok) + casts,
-          f"L*b*S*((16+2c)H + a(N+2mK)D + cND + 6cF + N*keys*{score_bytes(kind, c, True):g}B) "
-          f"+ {'compute-dtype weight copies' if casts else ''}; {shape}, keys={attended_keys(kind, s.seq_len):g} "
+          f"L*b*S*((16+2c)H + a(N+2mK)D + cND + 6cF + N*keys*{score_bytes(kind, c, True):g}B)"
+          f"{' + compute-dtype weight copies' if casts else ''}; {shape}, keys={attended_keys(kind, s.seq_len):g} "
           f"({kind} attention)")
 
 
@@ -404,7 +407,8 @@ def estimate(s: Setup) -> Estimate:
   ]
   if s.teacher is not None:
     rows.append(("teacher params (frozen)", ALWAYS, param_bytes_per_device(s.teacher, mesh, rules),
-                 f"{param_count(s.teacher) / 1e9:.3f}B x {s.teacher.param_dtype}, this device's shards; no grads or moments"))
+                 f"{param_count(s.teacher) / 1e9:.3f}B x {s.teacher.param_dtype}, this device's shards; "
+                 "no grads or moments"))
   if s.grad_accum > 1:
     rows.append(("grad accumulator", TRAIN, 4 * n_local, "fp32, params' shards (grad_accum > 1)"))
   b = s.rows_per_device
@@ -477,9 +481,10 @@ def setup_from_config(cfg: Any, num_devices: int, platform: str = "gpu") -> Setu
 
 def format_table(est: Estimate, device_memory_bytes: int | None = None, usable_fraction: float = 1.0) -> str:
   """Markdown: the notes, then one row per component and phase, the phase sums and the peak."""
-  g = lambda b: f"{b / GIB:.2f}"
+  unit, size = ("GiB", GIB) if est.total >= GIB else ("MiB", 2**20)
+  g = lambda b: f"{b / size:.2f}"
   lines = [f"* {n}" for n in est.notes]
-  lines += ["", "| component | phase | GiB / device | formula |", "|---|---|---:|---|"]
+  lines += ["", f"| component | phase | {unit} / device | formula |", "|---|---|---:|---|"]
   for name, phase, nbytes, formula in est.rows:
     lines.append(f"| {name} | {phase} | {g(nbytes)} | {formula} |")
   lines.append(f"| *resident (always)* | | {g(est._sum(ALWAYS))} | |")
@@ -512,7 +517,9 @@ def compiled_step_bytes(s: Setup, devices=None, num_domains: int = 3) -> dict[st
 
   from ddk_jax import model as model_lib, train_step as ts
 
-  devices = list(devices if devices is not None else jax.devices()[:s.num_devices])
+  devices = list(devices if devices is not None else jax.devices())
+  if len(devices) < s.num_devices:
+    raise ValueError(f"compiling the step needs the mesh's {s.num_devices} devices; this host has {len(devices)}")
   shape = tuple(s.mesh[a] for a in sharding.MESH_AXES)
   mesh = Mesh(np.asarray(devices[:s.num_devices]).reshape(shape), sharding.MESH_AXES)
   rules = tuple(s.rules)
@@ -639,10 +646,14 @@ def _main(argv) -> None:
   mem = int(FLAGS.device_memory_gib * GIB) if FLAGS.device_memory_gib else None
   print(format_table(est, mem, FLAGS.usable_fraction))
   if FLAGS.compile:
-    xla = compiled_step_bytes(s)
-    print(f"\nXLA memory analysis of the compiled step on this host: peak {xla['peak'] / GIB:.2f} GiB per device "
-          f"(arguments {xla['arguments'] / GIB:.2f}, outputs {xla['outputs'] / GIB:.2f}, aliased "
-          f"{xla['aliased'] / GIB:.2f}, temporaries {xla['temporaries'] / GIB:.2f}); estimate / XLA = "
+    try:
+      xla = compiled_step_bytes(s)
+    except ValueError as e:
+      print(f"memory_estimate: --compile: {e}", file=sys.stderr)
+      sys.exit(2)
+    print(f"\nXLA memory analysis of the compiled step on this host: peak {xla['peak'] / 2**20:,.1f} MiB per device "
+          f"(arguments {xla['arguments'] / 2**20:,.1f}, outputs {xla['outputs'] / 2**20:,.1f}, aliased "
+          f"{xla['aliased'] / 2**20:,.1f}, temporaries {xla['temporaries'] / 2**20:,.1f}); estimate / XLA = "
           f"{est.train_total / max(xla['peak'], 1):.2f} (train step; the eval phase is not part of it)")
 
 
