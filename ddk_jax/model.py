@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax.ad_checkpoint import checkpoint_name
+
 from ddk_jax import rope
 from ddk_jax.sharding import constrain
 
@@ -185,6 +187,9 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+PROJECTION = "projection"  # checkpoint name of every projection's output (remat="dots" keeps them)
+
+
 def _dot(equation: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
   """A projection written as an einsum whose contracted letters are the trailing ones of
   `x` and the leading ones of `w` ("bsh,hnd->bsnd", "bsnd,ndh->bsh", ...).
@@ -197,7 +202,8 @@ def _dot(equation: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
   k = len(set(xs) & set(ws))
   if not (k and xs[-k:] == ws[:k] and out == xs[:-k] + ws[k:]):
     raise ValueError(f"_dot: {equation!r} is not a projection (trailing x dims contracted with leading w dims)")
-  return _linear(x.astype(dtype), w.astype(dtype), k)
+  # Named, because remat policies cannot see the matmul inside the custom VJP: "dots" saves these.
+  return checkpoint_name(_linear(x.astype(dtype), w.astype(dtype), k), PROJECTION)
 
 
 def _matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
@@ -347,7 +353,9 @@ def apply_hidden(params: Mapping[str, Any], cfg: ModelConfig, inputs: jax.Array,
   if cfg.remat == "full":
     layer = jax.checkpoint(layer)
   elif cfg.remat == "dots":
-    layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(PROJECTION)))
 
   if cfg.scan_layers:
     x, _ = jax.lax.scan(lambda c, p: (layer(c, p), None), x, params["layers"])

@@ -96,3 +96,33 @@ def test_compute_dtype_auto_in_the_model():
 def test_invalid_run_time_fields(overrides, message):
   with pytest.raises(ValueError, match=message):
     dataclasses.replace(TINY, **overrides).validate()
+
+
+def test_remat_dots_keeps_the_projection_outputs():
+  """remat="dots" saves the projections' outputs for the backward (their matmuls run in a
+  custom VJP that remat policies cannot see; the outputs are named instead), so it keeps
+  more than "full" (layer inputs only) and less than no remat."""
+  import dataclasses
+
+  import jax.numpy as jnp
+  from jax._src.ad_checkpoint import saved_residuals
+
+  from ddk_jax import model as model_lib
+
+  cfg = model_lib.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                              num_kv_heads=2, param_dtype="float32", compute_dtype="float32")
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  inputs = jnp.ones((2, 8), jnp.int32)
+  positions = jnp.tile(jnp.arange(8), (2, 1))
+  segments = jnp.ones((2, 8), jnp.int32)
+
+  def saved(remat):
+    c = dataclasses.replace(cfg, remat=remat)
+    res = saved_residuals(lambda p: jnp.sum(model_lib.apply_hidden(p, c, inputs, positions, segments)), params)
+    return sum(int(np.prod(r[0].shape)) for r in res)
+
+  none, full, dots = saved("none"), saved("full"), saved("dots")
+  assert full < dots < none
+  # every layer keeps at least its q, k, v, gate and up outputs (head_dim 8): 2 x 8 tokens each
+  per_layer = 2 * 8 * (cfg.num_heads * 8 + 2 * cfg.num_kv_heads * 8 + 2 * cfg.intermediate_size)
+  assert dots - full >= cfg.num_layers * per_layer
