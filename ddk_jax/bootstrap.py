@@ -42,6 +42,29 @@ def _check_model_source(cfg: ml_collections.ConfigDict, which: str) -> None:
         f"{which}.pretrain_steps > 0 to pre-train it there, or point {which}.path at a finished run.")
 
 
+def check_teacher_tokenizer(cfg: ml_collections.ConfigDict) -> None:
+  """Fails at start when a Hugging Face teacher ships another tokenizer than the run's.
+
+  Logit KD compares the two models id by id; the run tokenizes with `data.tokenizer` (the
+  student's by default), so a teacher directory with a tokenizer.json must give every text
+  the same ids. Embedding sizes may differ (padding); the vocabularies may not.
+  """
+  teacher, run_tok = cfg.teacher.path, cfg.data.tokenizer
+  if cfg.teacher.source != "hf" or not run_tok or str(teacher) == str(run_tok) \
+      or not storage.exists(storage.join(teacher, "tokenizer.json")):
+    return
+  from ddk_jax.data import tokenizer as tok_lib
+  from ddk_jax.data.config import DataConfigError
+  overrides = {k: cfg.data.get(k) for k in ("bos_token", "eos_token")}  # the run's BOS/EOS, for both
+  try:
+    theirs = tok_lib.load_tokenizer_from_config(dict(overrides, tokenizer=teacher))
+    ours = tok_lib.load_tokenizer_from_config(dict(overrides, tokenizer=run_tok))
+    tok_lib.check_same_tokenizer(theirs, ours, names=(
+        "teacher", "student" if str(run_tok) == str(cfg.student.path) else "data.tokenizer's"))
+  except DataConfigError as e:
+    raise TrainingError(f"teacher.path={teacher!r}: {e}") from None
+
+
 def _pretrain_config(cfg: ml_collections.ConfigDict, which: str) -> ml_collections.ConfigDict:
   section = cfg[which]
   pre = ml_collections.ConfigDict(cfg.to_dict())
@@ -82,6 +105,8 @@ def prepare_models(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[ml_col
     _check_model_source(cfg, which)
   if not cfg.data.tokenizer and cfg.student.source == "hf":
     cfg.data.tokenizer = cfg.student.path  # HF checkpoints ship their tokenizer
+  if "teacher" in models:
+    check_teacher_tokenizer(cfg)
   if cfg.data.get("demo_corpus_dir"):
     from ddk_jax.demo import corpus
     corpus.ensure_demo_corpus(cfg.data.demo_corpus_dir, log=_log.info)

@@ -32,12 +32,13 @@ gradients are returned in the input dtypes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from ddk_jax.losses import logits_f32, loss_dtype
+from ddk_jax.losses import Divergence, akl_weights, as_divergence, log_mixture, logits_f32, loss_dtype, static_or_traced
 
 __all__ = [
   "default_chunk_size",
@@ -92,6 +93,32 @@ def _from_chunks(x: jax.Array, seq: int) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------
+# static description of one loss call (hashable: a nondiff argument of the custom VJPs)
+
+# Tempered logit given to vocabulary rows beyond `valid_vocab`: exp() of it minus any
+# log-sum-exp is exactly 0, and differences of two such log-probabilities are finite.
+_MASKED_LOGIT = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  divergence: Divergence
+  valid_vocab: int | None  # None: every column of the student head counts
+  temperature: float | None  # None: traced, in dyn["temperature"]
+  gamma: float | None  # None: traced, in dyn["gamma"] (loss-sum form only)
+  chunk_size: int | None
+
+
+def _hyper(st: _Static, dyn: dict, key: str):
+  value = getattr(st, key)
+  return dyn[key] if value is None else value
+
+
+def _is_one(t) -> bool:
+  return not isinstance(t, jax.Array) and t == 1.0
+
+
+# ----------------------------------------------------------------------------
 # per-chunk math (all fp32 on [B, c, V] blocks)
 
 
@@ -105,37 +132,112 @@ def _is_target(shape, targets: jax.Array) -> jax.Array:
   return vocab_ids == targets[..., None].astype(jnp.int32)
 
 
-def _chunk_values(z_s, z_t, tgt, temperature):
-  """Per-token (ce, kl, lse_s, lse_s/T, lse_t/T) of one chunk, unmasked."""
-  t = temperature
+def _mask_vocab(z: jax.Array, st: _Static) -> jax.Array:
+  if st.valid_vocab is None:
+    return z
+  cols = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
+  return jnp.where(cols < st.valid_vocab, z, _MASKED_LOGIT)
+
+
+def _tempered(z: jax.Array, t, st: _Static) -> jax.Array:
+  # Masked after dividing, so a tiny T cannot overflow the masked rows to -inf.
+  return _mask_vocab(z / t, st)
+
+
+def _divergence_and_grad(div: Divergence, log_p: jax.Array, log_q: jax.Array, need_grad: bool):
+  """Per-token ``D(P || Q)`` and, if asked, ``dD/ds`` [B, c, V] with ``s = z_S / T``.
+
+  For a function of ``q = softmax(s)``: ``dD/ds = q * (g - sum(q * g))``, ``g = dD/dq``.
+  Each branch is that identity worked out (``r = <q, x>`` below is a per-token scalar).
+  """
+  p, q = jnp.exp(log_p), jnp.exp(log_q)
+  ksum = lambda x: jnp.sum(x, axis=-1)
+  dot_q = lambda x: ksum(q * x)[..., None]
+  name = div.name
+  if name == "reverse_kl":  # D = KL(Q||P); dD/ds = q (log q - log p - D)
+    d = ksum(q * (log_q - log_p))
+    return d, (q * (log_q - log_p - d[..., None]) if need_grad else None)
+  if name == "jsd":  # D = b KL(P||M) + (1-b) KL(Q||M); dD/ds = (1-b) q (log(q/m) - KL(Q||M))
+    b = div.jsd_beta
+    log_m = log_mixture(b, log_p, log_q)
+    kl_qm = ksum(q * (log_q - log_m))
+    d = b * ksum(p * (log_p - log_m)) + (1.0 - b) * kl_qm
+    return d, ((1.0 - b) * q * (log_q - log_m - kl_qm[..., None]) if need_grad else None)
+  if name == "tvd":  # D = 0.5 sum |p - q|; dD/ds = 0.5 q (sign(q - p) - <q, sign(q - p)>)
+    d = 0.5 * ksum(jnp.abs(p - q))
+    if not need_grad:
+      return d, None
+    sign = jnp.sign(q - p)
+    return d, 0.5 * q * (sign - dot_q(sign))
+  if name == "skew_forward_kl":  # D = KL(P||M), M = aP + (1-a)Q; dD/ds = -(1-a) q (p/m - <q, p/m>)
+    a = div.skew_alpha
+    log_m = log_mixture(a, log_p, log_q)
+    d = ksum(p * (log_p - log_m))
+    if not need_grad:
+      return d, None
+    ratio = jnp.exp(log_p - log_m)
+    return d, -(1.0 - a) * q * (ratio - dot_q(ratio))
+  if name == "skew_reverse_kl":  # D = KL(Q||M'), M' = aQ + (1-a)P; dD/ds = q (log(q/m') - D - a (r - <q, r>)), r = q/m'
+    a = div.skew_alpha
+    log_m = log_mixture(a, log_q, log_p)
+    d = ksum(q * (log_q - log_m))
+    if not need_grad:
+      return d, None
+    ratio = jnp.exp(log_q - log_m)
+    return d, q * (log_q - log_m - d[..., None] - a * (ratio - dot_q(ratio)))
+  if name == "akl":  # D = w_h KL(P||Q) + w_t KL(Q||P), weights constant
+    w_head, w_tail = akl_weights(p, q, div.akl_mu)
+    rkl = ksum(q * (log_q - log_p))
+    d = w_head * ksum(p * (log_p - log_q)) + w_tail * rkl
+    if not need_grad:
+      return d, None
+    return d, w_head[..., None] * (q - p) + w_tail[..., None] * q * (log_q - log_p - rkl[..., None])
+  raise ValueError(f"no chunked form for divergence {name!r}")
+
+
+def _chunk_values(z_s, z_t, tgt, t, st):
+  """Per-token (ce, kd, lse_s, lse_s/T, lse_t/T) of one chunk, unmasked. z_s is vocab-masked."""
   lse_s = _lse(z_s)
   ce = lse_s - jnp.sum(jnp.where(_is_target(z_s.shape, tgt), z_s, 0.0), axis=-1)
   if z_t is None:
     zero = jnp.zeros_like(ce)
     return ce, zero, lse_s, zero, zero
   # At T == 1 the tempered student lse is lse_s: skip one exp pass over [c, V].
-  lse_s_t = lse_s if t == 1.0 else _lse(z_s / t)
-  lse_t_t = _lse(z_t / t)
-  log_p = z_t / t - lse_t_t[..., None]
-  log_q = z_s / t - lse_s_t[..., None]
-  kl = (t * t) * jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+  lse_s_t = lse_s if _is_one(t) else _lse(_tempered(z_s, t, st))
+  lse_t_t = _lse(_tempered(z_t, t, st))
+  log_p = _tempered(z_t, t, st) - lse_t_t[..., None]
+  log_q = _tempered(z_s, t, st) - lse_s_t[..., None]
+  if st.divergence.name == "forward_kl":
+    kl = (t * t) * jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+  else:
+    kl = (t * t) * _divergence_and_grad(st.divergence, log_p, log_q, need_grad=False)[0]
   return ce, kl, lse_s, lse_s_t, lse_t_t
 
 
-def _chunk_dlogits(z_s, z_t, tgt, valid, lse_s, lse_s_t, lse_t_t, g_ce, g_kl, temperature):
-  """d(sum g_ce*ce + g_kl*kl)/d z_s for one chunk: fp32 [B, c, V].
+def _chunk_dlogits(z_s, z_t, tgt, valid, lse_s, lse_s_t, lse_t_t, g_ce, g_kl, t, st):
+  """d(sum g_ce*ce + g_kl*kd)/d z_s for one chunk: fp32 [B, c, V].
 
   d ce / d z_s = softmax(z_s) - onehot(target)
-  d kl / d z_s = T * (softmax(z_s/T) - softmax(z_t/T))   (the T^2 of kl times 1/T)
+  d kd / d z_s = T * dD/ds   (the T^2 of kd times the 1/T of s = z_s/T);
+                 forward KL: dD/ds = softmax(z_s/T) - softmax(z_t/T)
   """
-  t = temperature
   d = g_ce[..., None] * (jnp.exp(z_s - lse_s[..., None]) - _is_target(z_s.shape, tgt))
   if z_t is not None:
-    q = jnp.exp(z_s / t - lse_s_t[..., None])
-    p = jnp.exp(z_t / t - lse_t_t[..., None])
-    d = d + (t * g_kl)[..., None] * (q - p)
-  # Padding rows contribute nothing, even if their hidden states are not finite.
-  return jnp.where(valid[..., None], d, 0.0)
+    if st.divergence.name == "forward_kl":
+      q = jnp.exp(_tempered(z_s, t, st) - lse_s_t[..., None])
+      p = jnp.exp(_tempered(z_t, t, st) - lse_t_t[..., None])
+      d = d + (t * g_kl)[..., None] * (q - p)
+    else:
+      log_p = _tempered(z_t, t, st) - lse_t_t[..., None]
+      log_q = _tempered(z_s, t, st) - lse_s_t[..., None]
+      _, grad = _divergence_and_grad(st.divergence, log_p, log_q, need_grad=True)
+      d = d + (t * g_kl)[..., None] * grad
+  # Padding rows contribute nothing, even if their hidden states are not finite; padded
+  # vocabulary rows get exactly zero.
+  keep = valid[..., None]
+  if st.valid_vocab is not None:
+    keep = keep & (jax.lax.broadcasted_iota(jnp.int32, d.shape, d.ndim - 1) < st.valid_vocab)
+  return jnp.where(keep, d, 0.0)
 
 
 def _grad_matmuls(hs_c, ws, dz, cdt):
@@ -172,19 +274,19 @@ def _prepare(hs, ht, targets, mask, chunk_size, vocab):
   return xs, c, n
 
 
-def _logits(xs, ws, wt):
-  z_s = logits_f32(xs["hs"], ws)
+def _logits(xs, ws, wt, st):
+  z_s = _mask_vocab(logits_f32(xs["hs"], ws), st)
   z_t = logits_f32(xs["ht"], wt) if "ht" in xs else None
   return z_s, z_t
 
 
-def _values_scan(hs, ws, ht, wt, targets, mask, temperature, chunk_size):
-  """Forward only: per-token ce, kl (masked) and the three lse's, each [B, S]."""
-  xs, _, _ = _prepare(hs, ht, targets, mask, chunk_size, ws.shape[1])
+def _values_scan(hs, ws, ht, wt, targets, mask, t, st):
+  """Forward only: per-token ce, kd (masked) and the three lse's, each [B, S]."""
+  xs, _, _ = _prepare(hs, ht, targets, mask, st.chunk_size, ws.shape[1])
 
   def body(_, x):
-    z_s, z_t = _logits(x, ws, wt)
-    ce, kl, *lses = _chunk_values(z_s, z_t, x["tgt"], temperature)
+    z_s, z_t = _logits(x, ws, wt, st)
+    ce, kl, *lses = _chunk_values(z_s, z_t, x["tgt"], t, st)
     ce = jnp.where(x["valid"], ce, 0.0)
     kl = jnp.where(x["valid"], kl, 0.0)
     return None, (ce, kl, *lses)
@@ -194,18 +296,18 @@ def _values_scan(hs, ws, ht, wt, targets, mask, temperature, chunk_size):
   return tuple(_from_chunks(y, s) for y in ys)
 
 
-def _grads_scan(hs, ws, ht, wt, targets, mask, temperature, chunk_size, g_ce, g_kl, lses):
+def _grads_scan(hs, ws, ht, wt, targets, mask, t, st, g_ce, g_kl, lses):
   """Backward of the token losses: recompute logits per chunk; (d hs fp32, d ws fp32)."""
-  xs, c, n = _prepare(hs, ht, targets, mask, chunk_size, ws.shape[1])
+  xs, c, n = _prepare(hs, ht, targets, mask, st.chunk_size, ws.shape[1])
   xs["g_ce"] = _to_chunks(g_ce.astype(lses[0].dtype), c, n)
   xs["g_kl"] = _to_chunks(g_kl.astype(lses[0].dtype), c, n)
   xs["lses"] = tuple(_to_chunks(v, c, n) for v in lses)
   cdt = jnp.promote_types(hs.dtype, ws.dtype)
 
   def body(dw_acc, x):
-    z_s, z_t = _logits(x, ws, wt)
+    z_s, z_t = _logits(x, ws, wt, st)
     dz = _chunk_dlogits(
-      z_s, z_t, x["tgt"], x["valid"], *x["lses"], x["g_ce"], x["g_kl"], temperature
+      z_s, z_t, x["tgt"], x["valid"], *x["lses"], x["g_ce"], x["g_kl"], t, st
     )
     dh, dw = _grad_matmuls(x["hs"], ws, dz, cdt)
     return dw_acc + dw, dh
@@ -214,17 +316,17 @@ def _grads_scan(hs, ws, ht, wt, targets, mask, temperature, chunk_size, g_ce, g_
   return _from_chunks(dh, hs.shape[1]), dw
 
 
-def _fused_scan(hs, ws, ht, wt, targets, mask, temperature, gamma, chunk_size):
-  """Values and the gradient of sum(ce) + gamma*sum(kl) in one pass over chunks."""
-  xs, _, _ = _prepare(hs, ht, targets, mask, chunk_size, ws.shape[1])
+def _fused_scan(hs, ws, ht, wt, targets, mask, t, gamma, st):
+  """Values and the gradient of sum(ce) + gamma*sum(kd) in one pass over chunks."""
+  xs, _, _ = _prepare(hs, ht, targets, mask, st.chunk_size, ws.shape[1])
   cdt = jnp.promote_types(hs.dtype, ws.dtype)
 
   def body(dw_acc, x):
-    z_s, z_t = _logits(x, ws, wt)
-    ce, kl, *lses = _chunk_values(z_s, z_t, x["tgt"], temperature)
+    z_s, z_t = _logits(x, ws, wt, st)
+    ce, kl, *lses = _chunk_values(z_s, z_t, x["tgt"], t, st)
     ones = jnp.ones_like(ce)
     dz = _chunk_dlogits(
-      z_s, z_t, x["tgt"], x["valid"], *lses, ones, gamma * ones, temperature
+      z_s, z_t, x["tgt"], x["valid"], *lses, ones, gamma * ones, t, st
     )
     dh, dw = _grad_matmuls(x["hs"], ws, dz, cdt)
     ce = jnp.where(x["valid"], ce, 0.0)
@@ -242,128 +344,160 @@ def _teacher_zeros(ht, wt):
   return jnp.zeros_like(ht), jnp.zeros_like(wt)
 
 
+def _dyn_zeros(dyn: dict) -> dict:
+  return {k: jnp.zeros_like(v) for k, v in dyn.items()}
+
+
 # ----------------------------------------------------------------------------
 # token losses: arbitrary per-token cotangents
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _token_losses(hs, ws, ht, wt, targets, mask, temperature, chunk_size):
-  ce, kl, *_ = _values_scan(hs, ws, ht, wt, targets, mask, temperature, chunk_size)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _token_losses(hs, ws, ht, wt, targets, mask, dyn, st):
+  t = _hyper(st, dyn, "temperature")
+  ce, kl, *_ = _values_scan(hs, ws, ht, wt, targets, mask, t, st)
   return ce, kl
 
 
-def _token_losses_fwd(hs, ws, ht, wt, targets, mask, temperature, chunk_size):
-  ce, kl, *lses = _values_scan(hs, ws, ht, wt, targets, mask, temperature, chunk_size)
+def _token_losses_fwd(hs, ws, ht, wt, targets, mask, dyn, st):
+  t = _hyper(st, dyn, "temperature")
+  ce, kl, *lses = _values_scan(hs, ws, ht, wt, targets, mask, t, st)
   # Saved: the inputs (already alive) and three fp32 [B, S] log-sum-exps.
-  return (ce, kl), (hs, ws, ht, wt, targets, mask, tuple(lses))
+  return (ce, kl), (hs, ws, ht, wt, targets, mask, dyn, tuple(lses))
 
 
-def _token_losses_bwd(temperature, chunk_size, res, cts):
-  hs, ws, ht, wt, targets, mask, lses = res
+def _token_losses_bwd(st, res, cts):
+  hs, ws, ht, wt, targets, mask, dyn, lses = res
   g_ce, g_kl = cts
-  dh, dw = _grads_scan(
-    hs, ws, ht, wt, targets, mask, temperature, chunk_size, g_ce, g_kl, lses
-  )
+  t = _hyper(st, dyn, "temperature")
+  dh, dw = _grads_scan(hs, ws, ht, wt, targets, mask, t, st, g_ce, g_kl, lses)
   dht, dwt = _teacher_zeros(ht, wt)
-  return dh.astype(hs.dtype), dw.astype(ws.dtype), dht, dwt, None, None
+  return dh.astype(hs.dtype), dw.astype(ws.dtype), dht, dwt, None, None, _dyn_zeros(dyn)
 
 
 _token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
 
 
-def _check_teacher(teacher_hidden, teacher_head, student_head):
+def _check_teacher(teacher_hidden, teacher_head, student_head, valid_vocab):
+  """The frozen teacher's inputs, its head brought to the student head's width."""
   if (teacher_hidden is None) != (teacher_head is None):
     raise ValueError("teacher_hidden and teacher_head must both be given or both be None")
   if teacher_hidden is None:
     return None, None
-  if teacher_head.shape[1] != student_head.shape[1]:
+  vt, vs = teacher_head.shape[1], student_head.shape[1]
+  need = vs if valid_vocab is None else valid_vocab
+  if vt < need:
     raise ValueError(
-      f"teacher vocab {teacher_head.shape[1]} != student vocab {student_head.shape[1]}; "
-      "slice the teacher head to the shared vocabulary first")
-  return jax.lax.stop_gradient(teacher_hidden), jax.lax.stop_gradient(teacher_head)
+      f"teacher vocab {vt} < {need}: the teacher must cover the student's vocabulary"
+      f"{'' if valid_vocab is None else ' (valid_vocab)'}; slice the teacher head to the shared vocabulary first")
+  wt = jax.lax.stop_gradient(teacher_head)
+  if vt > vs:  # rows past the student's head: never a target, never in the loss
+    wt = wt[:, :vs]
+  elif vt < vs:  # the student is padded further: those columns are masked (valid_vocab <= vt)
+    wt = jnp.pad(wt, ((0, 0), (0, vs - vt)))
+  return jax.lax.stop_gradient(teacher_hidden), wt
+
+
+def _static_and_dyn(student_head, divergence, valid_vocab, temperature, gamma, chunk_size):
+  vocab = student_head.shape[1]
+  if valid_vocab is not None:
+    valid_vocab = int(valid_vocab)
+    if not 0 < valid_vocab <= vocab:
+      raise ValueError(f"valid_vocab={valid_vocab} must be in [1, student vocab {vocab}]")
+    if valid_vocab == vocab:
+      valid_vocab = None
+  dyn = {}
+  t = static_or_traced(temperature)
+  if isinstance(t, jax.Array):
+    dyn["temperature"], t = t, None
+  g = None if gamma is None else static_or_traced(gamma)
+  if isinstance(g, jax.Array):
+    dyn["gamma"], g = g, None
+  st = _Static(divergence=as_divergence(divergence), valid_vocab=valid_vocab, temperature=t, gamma=g,
+               chunk_size=chunk_size)
+  return st, dyn
 
 
 def chunked_kd_token_losses(student_hidden: jax.Array, student_head: jax.Array,
     teacher_hidden: jax.Array | None, teacher_head: jax.Array | None, targets: jax.Array, mask: jax.Array, *,
-    temperature: float, chunk_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+    temperature: float | jax.Array, chunk_size: int | None = None, divergence: str | Divergence = "forward_kl",
+    valid_vocab: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Chunked ``(ce_tok, kl_tok)``; same contract as ``losses.kd_token_losses``.
 
   Args:
     student_hidden: ``[B, S, H]`` (fp32 or bf16); student_head ``[H, V]``.
-    teacher_hidden: ``[B, S, Ht]`` and teacher_head ``[Ht, V]``, or both ``None``
-    (then ``kl_tok`` is zeros). No gradient reaches the teacher (zeros).
+    teacher_hidden: ``[B, S, Ht]`` and teacher_head ``[Ht, Vt]``, or both ``None``
+    (then ``kl_tok`` is zeros). No gradient reaches the teacher (zeros). ``Vt`` may
+    differ from ``V`` if it covers ``valid_vocab``.
     targets: ``[B, S]`` int; mask: ``[B, S]``, a token counts iff ``mask != 0``.
-    temperature: static Python float ``T``.
+    temperature: ``T``: a Python number (static) or a traced scalar (a schedule).
     chunk_size: target tokens per chunk (static); ``None`` picks
     ``default_chunk_size(V)``. The sequence is cut into pieces of
     ``max(1, chunk_size // B)`` positions.
+    divergence: a name of ``losses.DIVERGENCES`` or a ``losses.Divergence``.
+    valid_vocab: the first ``valid_vocab`` vocabulary rows count, the rest are masked
+    (``None``: all ``V``).
 
   Returns:
     ``(ce_tok, kl_tok)`` float32 ``[B, S]``, zero where ``mask == 0``. Gradients
     w.r.t. student hidden/head come back in their input dtypes.
   """
-  ht, wt = _check_teacher(teacher_hidden, teacher_head, student_head)
-  return _token_losses(
-    student_hidden, student_head, ht, wt, targets, mask, float(temperature), chunk_size
-  )
+  st, dyn = _static_and_dyn(student_head, divergence, valid_vocab, temperature, None, chunk_size)
+  ht, wt = _check_teacher(teacher_hidden, teacher_head, student_head, st.valid_vocab)
+  return _token_losses(student_hidden, student_head, ht, wt, targets, mask, dyn, st)
 
 
 # ----------------------------------------------------------------------------
 # scalar training loss: gradient computed in the forward pass
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _loss_sum(hs, ws, ht, wt, targets, mask, temperature, gamma, chunk_size):
-  ce, kl, *_ = _values_scan(hs, ws, ht, wt, targets, mask, temperature, chunk_size)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _loss_sum(hs, ws, ht, wt, targets, mask, dyn, st):
+  t, gamma = _hyper(st, dyn, "temperature"), _hyper(st, dyn, "gamma")
+  ce, kl, *_ = _values_scan(hs, ws, ht, wt, targets, mask, t, st)
   return jnp.sum(ce) + gamma * jnp.sum(kl), ce, kl
 
 
-def _loss_sum_fwd(hs, ws, ht, wt, targets, mask, temperature, gamma, chunk_size):
-  ce, kl, dh, dw = _fused_scan(hs, ws, ht, wt, targets, mask, temperature, gamma, chunk_size)
+def _loss_sum_fwd(hs, ws, ht, wt, targets, mask, dyn, st):
+  t, gamma = _hyper(st, dyn, "temperature"), _hyper(st, dyn, "gamma")
+  ce, kl, dh, dw = _fused_scan(hs, ws, ht, wt, targets, mask, t, gamma, st)
   out = (jnp.sum(ce) + gamma * jnp.sum(kl), ce, kl)
   # Saved: gradients for a unit cotangent (d hidden fp32 [B,S,H], d head fp32
   # [H,V]); the per-token outputs are stop_gradient-ed by the wrapper.
   # Empty arrays carry the input dtypes (residuals must be arrays); the teacher
   # inputs are kept only for the shapes of their zero cotangents (XLA drops them).
   tags = (jnp.zeros((0,), hs.dtype), jnp.zeros((0,), ws.dtype))
-  return out, (dh, dw, tags, ht, wt)
+  return out, (dh, dw, tags, ht, wt, dyn)
 
 
-def _loss_sum_bwd(temperature, gamma, chunk_size, res, cts):
-  dh, dw, (hs_tag, ws_tag), ht, wt = res
+def _loss_sum_bwd(st, res, cts):
+  dh, dw, (hs_tag, ws_tag), ht, wt, dyn = res
   g = cts[0]
   dht, dwt = _teacher_zeros(ht, wt)
-  return (g * dh).astype(hs_tag.dtype), (g * dw).astype(ws_tag.dtype), dht, dwt, None, None
+  return ((g * dh).astype(hs_tag.dtype), (g * dw).astype(ws_tag.dtype), dht, dwt, None, None,
+          _dyn_zeros(dyn))
 
 
 _loss_sum.defvjp(_loss_sum_fwd, _loss_sum_bwd)
 
 
 def chunked_kd_loss_sum(student_hidden: jax.Array, student_head: jax.Array, teacher_hidden: jax.Array | None,
-    teacher_head: jax.Array | None, targets: jax.Array, mask: jax.Array, *, temperature: float, gamma: float,
-    chunk_size: int | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    teacher_head: jax.Array | None, targets: jax.Array, mask: jax.Array, *, temperature: float | jax.Array,
+    gamma: float | jax.Array, chunk_size: int | None = None, divergence: str | Divergence = "forward_kl",
+    valid_vocab: int | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """Training form: ``(sum(ce_tok) + gamma * sum(kl_tok), (ce_tok, kl_tok))``.
 
-  Arguments as in ``chunked_kd_token_losses``, plus the static ``gamma``.
-  Divide the first output by the global token count to get the loss of the
-  contract. Only that scalar is differentiable: under ``jax.grad`` the
-  forward pass already computes the gradient for a unit cotangent (no logits
-  are recomputed in the backward), and ``ce_tok`` / ``kl_tok`` are
-  ``stop_gradient``-ed (use them for metrics such as ``per_domain_sums``).
-  Without differentiation (eval), only the values are computed.
+  Arguments as in ``chunked_kd_token_losses``, plus ``gamma`` (a Python number, or a
+  traced scalar of a schedule). Divide the first output by the global token count to
+  get the loss of the contract. Only that scalar is differentiable: under ``jax.grad``
+  the forward pass already computes the gradient for a unit cotangent (no logits are
+  recomputed in the backward), and ``ce_tok`` / ``kl_tok`` are ``stop_gradient``-ed
+  (use them for metrics such as ``per_domain_sums``). Without differentiation (eval),
+  only the values are computed.
   """
-  ht, wt = _check_teacher(teacher_hidden, teacher_head, student_head)
-  if ht is None:
+  if teacher_hidden is None and teacher_head is None:
     gamma = 0.0
-  total, ce, kl = _loss_sum(
-    student_hidden,
-    student_head,
-    ht,
-    wt,
-    targets,
-    mask,
-    float(temperature),
-    float(gamma),
-    chunk_size,
-  )
+  st, dyn = _static_and_dyn(student_head, divergence, valid_vocab, temperature, gamma, chunk_size)
+  ht, wt = _check_teacher(teacher_hidden, teacher_head, student_head, st.valid_vocab)
+  total, ce, kl = _loss_sum(student_hidden, student_head, ht, wt, targets, mask, dyn, st)
   return total, (jax.lax.stop_gradient(ce), jax.lax.stop_gradient(kl))

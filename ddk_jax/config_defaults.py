@@ -83,6 +83,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.temperature = 1.0
   c.loss.impl = "chunked"  # chunked | naive (reference, materialises full logits)
   c.loss.chunk_size = 0  # tokens per chunk of the chunked loss; 0 = chosen from the vocab
+  # D(P || Q) of the KD term, P = teacher, Q = student (docs/loss.md): forward_kl | reverse_kl |
+  # jsd | tvd | skew_forward_kl | skew_reverse_kl | akl
+  c.loss.divergence = "forward_kl"
+  c.loss.jsd_beta = 0.5  # jsd: M = beta P + (1 - beta) Q, in (0, 1); 0.5 is the Jensen-Shannon divergence
+  c.loss.skew_alpha = 0.1  # skew_*: KL(P || a P + (1-a) Q) / KL(Q || a Q + (1-a) P), in [0, 1)
+  c.loss.akl_mu = 0.5  # akl: cumulative teacher probability that ends the head, in [0, 1]
+  # Schedules over the run's `steps`: constant | linear | cosine, from gamma / temperature
+  # at step 0 to gamma_end / temperature_end at `steps` (an end value is needed unless constant).
+  c.loss.gamma_schedule = "constant"
+  c.loss.gamma_end = ml_collections.FieldReference(None, field_type=float)
+  c.loss.temperature_schedule = "constant"
+  c.loss.temperature_end = ml_collections.FieldReference(None, field_type=float)
 
   c.ddk = ml_collections.ConfigDict()
   c.ddk.interval = 1000  # K: steps between domain-weight updates

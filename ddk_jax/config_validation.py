@@ -13,7 +13,8 @@ from typing import Any
 from ddk_jax import sharding
 from ddk_jax.ddk import MODES
 from ddk_jax.model import ModelConfig
-from ddk_jax.train_step import LOSS_IMPLS
+from ddk_jax.losses import DIVERGENCES
+from ddk_jax.train_step import LOSS_IMPLS, SCHEDULES
 
 MODEL_SOURCES = ("random", "hf", "workdir")
 
@@ -44,6 +45,30 @@ def model_config(cfg: Any, which: str) -> ModelConfig:
   return m
 
 
+def _validate_loss(loss: Any) -> None:
+  """The divergence, its parameter and the gamma / temperature schedules."""
+  if loss.divergence not in DIVERGENCES:
+    raise ConfigError(f"loss.divergence={loss.divergence!r}: must be one of {', '.join(DIVERGENCES)}.")
+  if not 0.0 < float(loss.jsd_beta) < 1.0:
+    raise ConfigError(f"loss.jsd_beta={loss.jsd_beta!r}: must be in (0, 1) (0.5: the Jensen-Shannon divergence); "
+                      "for the limits use loss.divergence='forward_kl' (beta -> 0) or 'reverse_kl' (beta -> 1).")
+  if not 0.0 <= float(loss.skew_alpha) < 1.0:
+    raise ConfigError(f"loss.skew_alpha={loss.skew_alpha!r}: must be in [0, 1) (0: the plain KL; DistiLLM uses 0.1).")
+  if not 0.0 <= float(loss.akl_mu) <= 1.0:
+    raise ConfigError(f"loss.akl_mu={loss.akl_mu!r}: must be in [0, 1] (the AKL paper uses 0.5).")
+  for name, low, strict in (("gamma", 0.0, False), ("temperature", 0.0, True)):
+    kind, end = loss[f"{name}_schedule"], loss[f"{name}_end"]
+    if kind not in SCHEDULES:
+      raise ConfigError(f"loss.{name}_schedule={kind!r}: must be one of {', '.join(SCHEDULES)}.")
+    if kind == "constant":
+      continue
+    if end is None:
+      raise ConfigError(f"loss.{name}_schedule={kind!r} needs loss.{name}_end (the value at the last step); "
+                        f"pass --config.loss.{name}_end=VALUE.")
+    if (float(end) <= low) if strict else (float(end) < low):
+      raise ConfigError(f"loss.{name}_end={end!r}: must be {'>' if strict else '>='} {low:g}.")
+
+
 def validate_config(cfg: Any, num_devices: int) -> None:
   """Raises ConfigError for the first problem found."""
   if cfg.mode not in MODES:
@@ -67,6 +92,7 @@ def validate_config(cfg: Any, num_devices: int) -> None:
     raise ConfigError(f"loss.gamma={cfg.loss.gamma!r}: must be >= 0.")
   if cfg.loss.impl not in LOSS_IMPLS:
     raise ConfigError(f"loss.impl={cfg.loss.impl!r}: must be one of {', '.join(LOSS_IMPLS)}.")
+  _validate_loss(cfg.loss)
   for which in ("teacher", "student"):
     if cfg[which].source not in MODEL_SOURCES:
       raise ConfigError(f"{which}.source={cfg[which].source!r}: must be one of {', '.join(MODEL_SOURCES)}.")

@@ -184,9 +184,10 @@ def setup(cfg: ml_collections.ConfigDict, settings: Settings, workdir: str, *,
             f"{teacher_cfg.num_params() / 1e6:.1f}M params" if teacher_cfg else "none (cpt)")
 
   # ---- steps ----
-  opts = ts.StepOptions(num_domains=len(names), mode=settings.mode, gamma=settings.loss.gamma,
-                        temperature=settings.loss.temperature, grad_accum=settings.grad_accum,
-                        loss_impl=settings.loss.impl, loss_chunk_size=settings.loss.chunk_size)
+  # The loss covers the tokenizer's ids only: rows an embedding is padded with get no mass.
+  opts = ts.StepOptions(num_domains=len(names), mode=settings.mode, grad_accum=settings.grad_accum,
+                        loss=ts.LossSpec.from_settings(settings.loss, steps=settings.steps,
+                                                       valid_vocab=tokenizer.max_id + 1))
   optimizer = optim.make_optimizer(cfg.optimizer, settings.steps)
   s_sh = ts.params_shardings(student_cfg, mesh, rules)
   t_sh = ts.params_shardings(teacher_cfg, mesh, rules) if teacher_cfg else None

@@ -30,6 +30,18 @@ class LossSettings:
   temperature: float
   impl: str
   chunk_size: int
+  divergence: str = "forward_kl"
+  jsd_beta: float = 0.5
+  skew_alpha: float = 0.1
+  akl_mu: float = 0.5
+  gamma_schedule: str = "constant"  # constant | linear | cosine, from gamma at step 0 to gamma_end at steps
+  gamma_end: float | None = None
+  temperature_schedule: str = "constant"
+  temperature_end: float | None = None
+
+
+def _optional_float(value: Any) -> float | None:
+  return None if value is None else float(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +96,12 @@ class Settings:
                         update_at_start=bool(cfg.ddk.update_at_start), eval_batch_size=int(cfg.ddk.eval_batch_size),
                         eval_max_rows=int(cfg.ddk.eval_max_rows)),
         loss=LossSettings(gamma=float(cfg.loss.gamma), temperature=float(cfg.loss.temperature), impl=str(cfg.loss.impl),
-                          chunk_size=int(cfg.loss.chunk_size)),
+                          chunk_size=int(cfg.loss.chunk_size), divergence=str(cfg.loss.divergence),
+                          jsd_beta=float(cfg.loss.jsd_beta), skew_alpha=float(cfg.loss.skew_alpha),
+                          akl_mu=float(cfg.loss.akl_mu), gamma_schedule=str(cfg.loss.gamma_schedule),
+                          gamma_end=_optional_float(cfg.loss.gamma_end),
+                          temperature_schedule=str(cfg.loss.temperature_schedule),
+                          temperature_end=_optional_float(cfg.loss.temperature_end)),
         checkpoint=CheckpointSettings(every=int(cfg.checkpoint.every), keep=int(cfg.checkpoint.keep),
                                       keep_period=int(cfg.checkpoint.keep_period),
                                       async_save=bool(cfg.checkpoint.async_save)),

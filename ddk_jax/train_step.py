@@ -2,7 +2,8 @@
 
 Train step, per micro-batch: the teacher forward (frozen, no gradient, outside
 `value_and_grad`), then the student forward/backward of
-`(sum CE + gamma * sum T^2 KL) / global non-padding target tokens`.  Gradients of
+`(sum CE + gamma * sum T^2 D(P||Q)) / global non-padding target tokens`, with the divergence
+D, gamma and T (and their schedules) given by `StepOptions.loss` (a `LossSpec`).  Gradients of
 micro-batches are summed (each already divided by the whole batch's token count, so
 accumulation is exactly the big-batch gradient), clipped and applied with optax.  A
 non-finite loss or gradient leaves params and optimizer state untouched and is reported.
@@ -24,10 +25,137 @@ from ddk_jax.data.pipeline import ROW_KEYS
 from ddk_jax.model import ModelConfig
 
 LOSS_IMPLS = ("chunked", "naive")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def schedule_value(kind: str, start: float, end: float | None, step: jax.Array | int, steps: int):
+  """A loss hyper-parameter at optimizer step ``step``: ``start`` at step 0, ``end`` at ``steps``.
+
+  ``constant``: ``start`` as a Python float (a compile-time constant). ``linear`` and
+  ``cosine`` (half a cosine from ``start`` down or up to ``end``) are float32 scalars
+  computed from ``step`` inside the jitted step, held at ``end`` after ``steps``.
+  """
+  if kind == "constant":
+    return float(start)
+  if kind not in SCHEDULES:
+    raise ValueError(f"schedule {kind!r} is not one of {', '.join(SCHEDULES)}")
+  if end is None:
+    raise ValueError(f"a {kind} schedule needs an end value")
+  frac = jnp.clip(jnp.asarray(step, jnp.float32) / float(max(int(steps), 1)), 0.0, 1.0)
+  start, end = jnp.float32(start), jnp.float32(end)
+  if kind == "linear":
+    return start + (end - start) * frac
+  return end + (start - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+  """The training loss and its parameters: one static, hashable object.
+
+  ``token_losses`` and ``loss_sum`` run the configured implementation (``impl``) with the
+  configured divergence; ``hyper(step)`` gives ``(gamma, temperature)`` at a step (Python
+  floats for constant schedules, so a default run compiles exactly the step it always did).
+  ``valid_vocab`` (0: the student's vocab size) is the tokenizer's size: vocabulary rows
+  past it (embedding padding) get no probability mass in the CE or the divergence.
+  ``schedule_steps`` is the length of the gamma/temperature schedules (the run's ``steps``).
+  """
+
+  impl: str = "chunked"
+  chunk_size: int = 0  # 0: chosen from the vocab size
+  divergence: str = "forward_kl"
+  jsd_beta: float = 0.5
+  skew_alpha: float = 0.1
+  akl_mu: float = 0.5
+  gamma: float = 1.0
+  gamma_schedule: str = "constant"
+  gamma_end: float | None = None
+  temperature: float = 1.0
+  temperature_schedule: str = "constant"
+  temperature_end: float | None = None
+  schedule_steps: int = 0
+  valid_vocab: int = 0
+
+  def __post_init__(self):
+    if self.impl not in LOSS_IMPLS:
+      raise ValueError(f"loss.impl={self.impl!r} is not one of {LOSS_IMPLS}")
+    for kind in (self.gamma_schedule, self.temperature_schedule):
+      if kind not in SCHEDULES:
+        raise ValueError(f"schedule {kind!r} is not one of {SCHEDULES}")
+    self.divergence_spec  # raises ValueError for an unknown divergence or a parameter out of range
+
+  @classmethod
+  def from_settings(cls, loss: Any, *, steps: int, valid_vocab: int = 0) -> LossSpec:
+    """From ``Settings.loss`` (``ddk_jax.settings.LossSettings``), the run's steps and
+    the tokenizer's size."""
+    return cls(impl=loss.impl, chunk_size=loss.chunk_size, divergence=loss.divergence, jsd_beta=loss.jsd_beta,
+               skew_alpha=loss.skew_alpha, akl_mu=loss.akl_mu, gamma=loss.gamma, gamma_schedule=loss.gamma_schedule,
+               gamma_end=loss.gamma_end, temperature=loss.temperature,
+               temperature_schedule=loss.temperature_schedule, temperature_end=loss.temperature_end,
+               schedule_steps=steps, valid_vocab=valid_vocab)
+
+  @property
+  def divergence_spec(self) -> losses.Divergence:
+    return losses.Divergence(self.divergence, jsd_beta=self.jsd_beta, skew_alpha=self.skew_alpha,
+                             akl_mu=self.akl_mu)
+
+  @property
+  def scheduled(self) -> bool:
+    return self.gamma_schedule != "constant" or self.temperature_schedule != "constant"
+
+  def hyper(self, step: jax.Array | int = 0) -> tuple[Any, Any]:
+    """``(gamma, temperature)`` in effect at optimizer step ``step`` (0-based)."""
+    return (schedule_value(self.gamma_schedule, self.gamma, self.gamma_end, step, self.schedule_steps),
+            schedule_value(self.temperature_schedule, self.temperature, self.temperature_end, step,
+                           self.schedule_steps))
+
+  def _kwargs(self, head: jax.Array) -> dict:
+    kw = {"divergence": self.divergence_spec}
+    if self.valid_vocab > head.shape[1]:
+      raise ValueError(f"valid_vocab={self.valid_vocab} exceeds the model's vocab {head.shape[1]}")
+    if 0 < self.valid_vocab < head.shape[1]:
+      kw["valid_vocab"] = int(self.valid_vocab)
+    if self.impl == "chunked" and self.chunk_size:
+      kw["chunk_size"] = self.chunk_size
+    return kw
+
+  def token_losses(self, hidden, head, t_hidden, t_head, targets, mask, *, temperature=None):
+    """``(ce_tok, kl_tok)`` (``kl_tok``: the T^2-scaled divergence), differentiable per token."""
+    temperature = self.temperature if temperature is None else temperature
+    if self.impl == "naive":
+      fn = losses.kd_token_losses
+    else:
+      from ddk_jax import chunked_loss  # local import: the reference path does not need it
+      fn = chunked_loss.chunked_kd_token_losses
+    return fn(hidden, head, t_hidden, t_head, targets, mask, temperature=temperature, **self._kwargs(head))
+
+  def loss_sum(self, hidden, head, t_hidden, t_head, targets, mask, *, gamma=None, temperature=None):
+    """``(sum(ce_tok) + gamma * sum(kl_tok), (ce_tok, kl_tok))``: the training form.
+
+    The chunked implementation forms the gradient in the same pass as the values (4 head
+    matmuls, nothing recomputed in the backward); its per-token outputs are metrics only.
+    """
+    gamma = self.gamma if gamma is None else gamma
+    temperature = self.temperature if temperature is None else temperature
+    if self.impl == "chunked":
+      from ddk_jax import chunked_loss
+      return chunked_loss.chunked_kd_loss_sum(hidden, head, t_hidden, t_head, targets, mask,
+                                              temperature=temperature, gamma=gamma, **self._kwargs(head))
+    ce_tok, kl_tok = self.token_losses(hidden, head, t_hidden, t_head, targets, mask, temperature=temperature)
+    return jnp.sum(ce_tok) + gamma * jnp.sum(kl_tok), (ce_tok, kl_tok)
+
+
+_LEGACY_LOSS_FIELDS = {"gamma": "gamma", "temperature": "temperature", "loss_impl": "impl",
+                       "loss_chunk_size": "chunk_size"}
 
 
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
+  """What the train and eval steps do. The loss lives in ``loss`` (a ``LossSpec``).
+
+  ``gamma``, ``temperature``, ``loss_impl`` and ``loss_chunk_size`` are shorthands for a
+  forward-KL loss without schedules: given without ``loss``, they build it; given with it,
+  they must agree with it; afterwards they mirror it.
+  """
   num_domains: int
   mode: str = "ddk"
   gamma: float = 1.0
@@ -35,33 +163,23 @@ class StepOptions:
   grad_accum: int = 1
   loss_impl: str = "chunked"
   loss_chunk_size: int = 0  # 0: chosen from the vocab size
+  loss: LossSpec | None = None
+
+  def __post_init__(self):
+    if self.loss is None:
+      object.__setattr__(self, "loss", LossSpec(gamma=float(self.gamma), temperature=float(self.temperature),
+                                                impl=self.loss_impl, chunk_size=int(self.loss_chunk_size)))
+      return
+    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    for mine, theirs in _LEGACY_LOSS_FIELDS.items():
+      value, wanted = getattr(self, mine), getattr(self.loss, theirs)
+      if value != wanted and value != defaults[mine]:
+        raise ValueError(f"StepOptions.{mine}={value!r} contradicts loss.{theirs}={wanted!r}; give only `loss`")
+      object.__setattr__(self, mine, wanted)
 
   @property
   def uses_teacher(self) -> bool:
     return self.mode != "cpt"
-
-
-def token_loss_fn(opts: StepOptions) -> Callable:
-  if opts.loss_impl == "naive":
-    return functools.partial(losses.kd_token_losses, temperature=opts.temperature)
-  if opts.loss_impl == "chunked":
-    from ddk_jax import chunked_loss  # local import: the reference path does not need it
-    kwargs = {"chunk_size": opts.loss_chunk_size} if opts.loss_chunk_size else {}
-    return functools.partial(chunked_loss.chunked_kd_token_losses, temperature=opts.temperature, **kwargs)
-  raise ValueError(f"loss.impl={opts.loss_impl!r} is not one of {LOSS_IMPLS}")
-
-
-def training_loss_sum_fn(opts: StepOptions) -> Callable | None:
-  """`f(hidden, head, t_hidden, t_head, targets, mask) -> (sum CE + gamma sum KL, (ce_tok, kl_tok))`
-
-  for implementations with a fused training form (the chunked loss); None otherwise.
-  """
-  if opts.loss_impl != "chunked":
-    return None
-  from ddk_jax import chunked_loss
-  kwargs = {"chunk_size": opts.loss_chunk_size} if opts.loss_chunk_size else {}
-  return functools.partial(chunked_loss.chunked_kd_loss_sum, temperature=opts.temperature, gamma=opts.gamma,
-                           **kwargs)
 
 
 def _micro_batches(batch: dict, accum: int) -> dict:
@@ -87,12 +205,16 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation) -> di
 
 def make_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
                     optimizer: optax.GradientTransformation, opts: StepOptions) -> Callable:
-  """Returns `step(state, teacher_params, batch) -> (state, metrics)` (not yet jitted)."""
-  token_losses = token_loss_fn(opts)
-  loss_sum = training_loss_sum_fn(opts)
+  """Returns `step(state, teacher_params, batch) -> (state, metrics)` (not yet jitted).
+
+  gamma and T come from `opts.loss.hyper(state["step"])`: compile-time constants for
+  constant schedules, values computed in the step otherwise (one compiled step for every
+  value). The metrics report the values in effect (`gamma`, `temperature`).
+  """
+  spec = opts.loss
   use_teacher = opts.uses_teacher
 
-  def micro_step(params, teacher_params, mb, total_tokens):
+  def micro_step(params, teacher_params, mb, total_tokens, gamma, temperature):
     mask = (mb["segment_ids"] != 0)
     if use_teacher:
       # Named scopes only label the ops in profiles (teacher / student / kd_loss / optimizer).
@@ -100,10 +222,9 @@ def make_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
         t_hidden = model_lib.apply_hidden(teacher_params, teacher_cfg, mb["inputs"], mb["positions"],
                                           mb["segment_ids"])
       t_hidden = jax.lax.stop_gradient(t_hidden)
-      t_head = model_lib.head_weight(teacher_params, teacher_cfg)
-      # A teacher may pad its vocab beyond the shared tokenizer (Qwen1.5-14B: 152064 vs
-      # 1.8B: 151936); ids past the student's vocab are never targets, so they are dropped.
-      t_head = jax.lax.stop_gradient(t_head[:, :student_cfg.vocab_size])
+      # A teacher may pad its vocab differently over the shared tokenizer (Qwen1.5-14B:
+      # 152064 vs 1.8B: 151936); the loss uses the rows of the tokenizer's ids only.
+      t_head = jax.lax.stop_gradient(model_lib.head_weight(teacher_params, teacher_cfg))
     else:
       t_hidden = t_head = None
 
@@ -111,16 +232,10 @@ def make_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
       with jax.named_scope("student"):
         hidden = model_lib.apply_hidden(p, student_cfg, mb["inputs"], mb["positions"], mb["segment_ids"])
         head = model_lib.head_weight(p, student_cfg)
-      if loss_sum is not None:
-        # Training form of the chunked loss: the gradient is formed in the same pass over
-        # the chunks as the values (4 head matmuls, no logits recomputed in the backward).
-        with jax.named_scope("kd_loss"):
-          total, (ce_tok, kl_tok) = loss_sum(hidden, head, t_hidden, t_head, mb["targets"], mask)
-        return total / total_tokens, (ce_tok, kl_tok)
       with jax.named_scope("kd_loss"):
-        ce_tok, kl_tok = token_losses(hidden, head, t_hidden, t_head, mb["targets"], mask)
-      loss = (jnp.sum(ce_tok) + opts.gamma * jnp.sum(kl_tok)) / total_tokens
-      return loss, (ce_tok, kl_tok)
+        total, (ce_tok, kl_tok) = spec.loss_sum(hidden, head, t_hidden, t_head, mb["targets"], mask, gamma=gamma,
+                                                temperature=temperature)
+      return total / total_tokens, (ce_tok, kl_tok)
 
     (loss, (ce_tok, kl_tok)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     ce_dom, count_dom = losses.per_domain_sums(ce_tok, mask, mb["domain_id"], opts.num_domains)
@@ -130,12 +245,14 @@ def make_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
   def step(state, teacher_params, batch):
     params = state["params"]
     total_tokens = jnp.maximum(jnp.sum(batch["segment_ids"] != 0), 1).astype(jnp.float32)
+    gamma, temperature = spec.hyper(state["step"])
     if opts.grad_accum == 1:
-      grads, loss, ce_dom, kl_dom, count_dom = micro_step(params, teacher_params, batch, total_tokens)
+      grads, loss, ce_dom, kl_dom, count_dom = micro_step(params, teacher_params, batch, total_tokens, gamma,
+                                                          temperature)
     else:
       def body(carry, mb):
         g_acc, l_acc, ce_acc, kl_acc, n_acc = carry
-        g, l, ce, kl, n = micro_step(params, teacher_params, mb, total_tokens)
+        g, l, ce, kl, n = micro_step(params, teacher_params, mb, total_tokens, gamma, temperature)
         return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, ce_acc + ce, kl_acc + kl, n_acc + n), None
 
       zeros_d = jnp.zeros((opts.num_domains,), jnp.float32)
@@ -167,6 +284,8 @@ def make_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
         "domain_ce_sum": ce_dom,
         "domain_kl_sum": kl_dom,
         "domain_count": count_dom,
+        "gamma": jnp.asarray(gamma, jnp.float32),
+        "temperature": jnp.asarray(temperature, jnp.float32),
     }
     return new_state, metrics
 
@@ -177,10 +296,11 @@ def make_eval_step(cfg: ModelConfig, opts: StepOptions, vocab_size: int | None =
   """`eval(params, batch) -> (ce_sum[num_domains], count[num_domains])`; plain CE, no KD.
 
   Used for the student's and (once, cached) the teacher's per-domain validation loss.
-  `vocab_size` keeps the first logits only: a teacher padded beyond the shared tokenizer is
-  scored on the same vocabulary the KD term uses.
+  `vocab_size` keeps the first logits only, and `opts.loss.valid_vocab` (the tokenizer's
+  size) masks the rest: both models are scored on the vocabulary the training loss uses,
+  and the padded rows of their embeddings never receive probability mass.
   """
-  token_losses = token_loss_fn(opts)
+  spec = opts.loss
 
   def eval_step(params, batch):
     mask = batch["segment_ids"] != 0
@@ -188,7 +308,7 @@ def make_eval_step(cfg: ModelConfig, opts: StepOptions, vocab_size: int | None =
     head = model_lib.head_weight(params, cfg)
     if vocab_size is not None:
       head = head[:, :vocab_size]
-    ce_tok, _ = token_losses(hidden, head, None, None, batch["targets"], mask)
+    ce_tok, _ = spec.token_losses(hidden, head, None, None, batch["targets"], mask)
     return losses.per_domain_sums(ce_tok, mask, batch["domain_id"], opts.num_domains)
   return eval_step
 

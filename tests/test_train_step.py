@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jax.sharding import Mesh
 
 from ddk_jax import model as model_lib, sharding, train_step as ts
@@ -217,3 +218,122 @@ def test_teacher_with_padded_vocab_is_scored_on_the_shared_vocab():
   full, _ = ts.jit_eval_step(ts.make_eval_step(padded, opts), sh, mesh, rules)(
       params, sharding.host_batch_to_global(batch, mesh, rules))
   assert np.all(np.asarray(full) > np.asarray(sums))  # the full vocab would spread mass onto padded rows
+
+
+# ---- the loss object: divergences, schedules, vocab padding ----------------------------
+
+
+def test_step_options_shorthands_and_loss_spec_agree():
+  legacy = ts.StepOptions(num_domains=3, gamma=0.7, temperature=2.0, loss_impl="naive", loss_chunk_size=64)
+  assert legacy.loss == ts.LossSpec(gamma=0.7, temperature=2.0, impl="naive", chunk_size=64)
+  spec = ts.LossSpec(divergence="jsd", jsd_beta=0.2, gamma=0.5, temperature=1.5, valid_vocab=100)
+  opts = ts.StepOptions(num_domains=3, loss=spec)
+  assert (opts.gamma, opts.temperature, opts.loss_impl) == (0.5, 1.5, "chunked")  # mirrors of the spec
+  assert dataclasses.replace(opts, mode="cpt").loss == spec
+  with pytest.raises(ValueError, match="contradicts"):
+    ts.StepOptions(num_domains=3, gamma=0.7, loss=spec)
+  with pytest.raises(ValueError, match="divergence"):
+    ts.LossSpec(divergence="kl")
+  assert spec.hyper(5) == (0.5, 1.5)  # constant schedules: Python floats, compile-time constants
+
+
+def test_schedule_values():
+  for step, lin, cos in ((0, 2.0, 2.0), (25, 1.75, 2.0 - 1.0 * (1 - np.cos(np.pi / 4)) / 2), (50, 1.5, 1.5),
+                         (100, 1.0, 1.0), (150, 1.0, 1.0)):
+    np.testing.assert_allclose(ts.schedule_value("linear", 2.0, 1.0, jnp.int32(step), 100), lin, rtol=1e-6)
+    np.testing.assert_allclose(ts.schedule_value("cosine", 2.0, 1.0, jnp.int32(step), 100), cos, rtol=1e-6)
+  assert ts.schedule_value("constant", 2.0, None, jnp.int32(7), 100) == 2.0
+
+
+def _one_device_step(opts, student=STUDENT, teacher=TEACHER, optimizer=None):
+  mesh = mesh_of(jax.devices()[:1], (1, 1, 1))
+  rules = sharding.DEFAULT_RULES
+  optimizer = optimizer or optax.sgd(0.5)
+  s_sh = ts.params_shardings(student, mesh, rules)
+  t_sh = ts.params_shardings(teacher, mesh, rules)
+  state_sh = ts.state_shardings(s_sh, optimizer, jax.eval_shape(lambda: model_lib.init_params(student,
+                                                                                             jax.random.key(0))),
+                                mesh)
+  step = ts.jit_train_step(ts.make_train_step(student, teacher, optimizer, opts), state_sh, t_sh, mesh, rules)
+  # The step donates its state: give it copies of the params.
+  return step, lambda params: ts.init_train_state(jax.tree.map(jnp.array, params), optimizer), mesh, rules
+
+
+def test_scheduled_gamma_and_temperature_run_in_one_compiled_step():
+  spec = ts.LossSpec(impl="chunked", divergence="skew_reverse_kl", gamma=1.0, gamma_schedule="linear", gamma_end=0.2,
+                     temperature=3.0, temperature_schedule="cosine", temperature_end=1.0, schedule_steps=4)
+  opts = ts.StepOptions(num_domains=NUM_DOMAINS, mode="kd", loss=spec)
+  step, init, mesh, rules = _one_device_step(opts)
+  params = model_lib.init_params(STUDENT, jax.random.key(0))
+  teacher = model_lib.init_params(TEACHER, jax.random.key(1))
+  state = init(params)
+  batch = sharding.host_batch_to_global(make_batch(), mesh, rules)
+  seen = []
+  for k in range(5):
+    state, m = step(state, teacher, batch)
+    m = jax.device_get(m)
+    frac = min(k / 4, 1.0)
+    np.testing.assert_allclose(m["gamma"], 1.0 + (0.2 - 1.0) * frac, rtol=1e-6)
+    np.testing.assert_allclose(m["temperature"], 1.0 + 2.0 * 0.5 * (1 + np.cos(np.pi * frac)), rtol=1e-6)
+    np.testing.assert_allclose(m["loss"], m["ce"] + m["gamma"] * m["kl"], rtol=1e-5)
+    seen.append(m)
+    if k == 1:  # (the first call took host arrays, the later ones the step's own outputs)
+      compiled = step._cache_size()
+  assert step._cache_size() == compiled  # no compilation per value
+  # The values in effect are the ones used: step 2 of the schedule equals a constant-valued step at step 2.
+  const = ts.StepOptions(num_domains=NUM_DOMAINS, mode="kd", loss=dataclasses.replace(
+      spec, gamma=float(seen[2]["gamma"]), gamma_schedule="constant", temperature=float(seen[2]["temperature"]),
+      temperature_schedule="constant"))
+  const_step, *_ = _one_device_step(const)
+  at2 = dict(init(params), step=jnp.int32(2))
+  _, m_const = const_step(at2, teacher, batch)
+  _, m_sched = step(dict(init(params), step=jnp.int32(2)), teacher, batch)
+  np.testing.assert_allclose(m_sched["loss"], m_const["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m_sched["kl"], m_const["kl"], rtol=1e-6)
+  np.testing.assert_allclose(m_const["gamma"], m_sched["gamma"], rtol=0)
+
+
+def _padded_params(params, padded_cfg, vocab, seed):
+  """`params` with its vocabulary rows extended by random ones up to padded_cfg.vocab_size."""
+  extra = model_lib.init_params(padded_cfg, jax.random.key(seed))
+  out = dict(params)
+  out["embed"] = jnp.concatenate([params["embed"], extra["embed"][vocab:]], axis=0)
+  out["lm_head"] = jnp.concatenate([params["lm_head"], 5 * extra["lm_head"][:, vocab:]], axis=1)
+  return out
+
+
+@pytest.mark.parametrize("impl,divergence", [("chunked", "jsd"), ("naive", "akl")])
+def test_padded_student_and_teacher_train_like_unpadded_ones(impl, divergence):
+  """Student embedding padded to 136 rows, teacher to 160, one 128-id tokenizer (valid_vocab=128): the
+  same loss and update as the unpadded pair; padded rows get no gradient; eval scores match too."""
+  vocab = 128
+  student_pad = dataclasses.replace(STUDENT, vocab_size=136)
+  teacher_pad = dataclasses.replace(TEACHER, vocab_size=160)
+  params = model_lib.init_params(STUDENT, jax.random.key(0))
+  teacher = model_lib.init_params(TEACHER, jax.random.key(1))
+  params_pad = _padded_params(params, student_pad, vocab, 2)
+  teacher_pad_params = _padded_params(teacher, teacher_pad, vocab, 3)
+  spec = ts.LossSpec(impl=impl, divergence=divergence, gamma=0.7, temperature=2.0, valid_vocab=vocab)
+  opts = ts.StepOptions(num_domains=NUM_DOMAINS, mode="kd", loss=spec)
+  step, init, mesh, rules = _one_device_step(opts)
+  step_pad, init_pad, _, _ = _one_device_step(opts, student_pad, teacher_pad)
+  batch = sharding.host_batch_to_global(make_batch(vocab=vocab), mesh, rules)
+  new, m = jax.device_get(step(init(params), teacher, batch))
+  new_pad, m_pad = jax.device_get(step_pad(init_pad(params_pad), teacher_pad_params, batch))
+  for key in ("loss", "ce", "kl", "grad_norm"):
+    np.testing.assert_allclose(m_pad[key], m[key], rtol=2e-5, err_msg=key)
+  p, p_pad = new["params"], new_pad["params"]
+  np.testing.assert_allclose(p_pad["lm_head"][:, :vocab], p["lm_head"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(p_pad["lm_head"][:, vocab:], params_pad["lm_head"][:, vocab:])  # zero gradient
+  np.testing.assert_array_equal(p_pad["embed"][vocab:], params_pad["embed"][vocab:])
+  np.testing.assert_allclose(p_pad["layers"]["wq"], p["layers"]["wq"], rtol=1e-5, atol=1e-6)
+
+  eval_opts = dataclasses.replace(opts, mode="cpt")
+  for cfg, prm, cfg_pad, prm_pad in ((STUDENT, params, student_pad, params_pad),
+                                     (TEACHER, teacher, teacher_pad, teacher_pad_params)):
+    ev = ts.make_eval_step(cfg, eval_opts)
+    ev_pad = ts.make_eval_step(cfg_pad, eval_opts)
+    sums, counts = jax.device_get(jax.jit(ev)(prm, batch))
+    sums_pad, counts_pad = jax.device_get(jax.jit(ev_pad)(prm_pad, batch))
+    np.testing.assert_allclose(sums_pad, sums, rtol=1e-5)
+    np.testing.assert_array_equal(counts_pad, counts)
