@@ -40,11 +40,20 @@ def _resumable(key: str) -> bool:
   return any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_CHANGES)
 
 
+def _defaults() -> dict:
+  from ddk_jax.config_defaults import base_config
+  return _flatten(json.loads(base_config().to_json_best_effort()))
+
+
 def config_changes(saved: dict, current: dict) -> list[str]:
   """Keys whose values differ between a saved resolved config and the current one,
-  excluding keys that are safe to change on resume."""
+  excluding keys that are safe to change on resume.  A key the saved config does not have
+  (added to ddk_jax since the run started) is unchanged while it has its default value."""
   a, b = _flatten(saved), _flatten(json.loads(json.dumps(current, default=str)))
-  return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not _resumable(k)]
+  defaults = _defaults()
+  new_at_default = {k for k in set(b) - set(a) if k in defaults and b[k] == defaults[k]}
+  return [k for k in sorted(set(a) | set(b))
+          if a.get(k) != b.get(k) and not _resumable(k) and k not in new_at_default]
 
 
 def resumable_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:

@@ -209,6 +209,14 @@ def test_config_change_classification():
   current["data"]["seq_len"] = 64
   current["optimizer"]["learning_rate"] = 2e-3
   assert resume_policy.config_changes(saved, current) == ["data.seq_len", "optimizer.learning_rate"]
+
+
+def test_keys_added_since_a_run_started_count_as_unchanged_at_their_default():
+  saved = {"loss": {"gamma": 1.0}}
+  current = {"loss": {"gamma": 1.0, "divergence": "forward_kl"}}  # the default of a newer key
+  assert resume_policy.config_changes(saved, current) == []
+  current["loss"]["divergence"] = "reverse_kl"
+  assert resume_policy.config_changes(saved, current) == ["loss.divergence"]
   assert resume_policy.runtime_changes({"num_processes": 2, "num_devices": 8, "mesh_shape": {"data": 8}},
                                        {"num_processes": 1, "num_devices": 8, "mesh_shape": {"data": 8}}) == [
       "number of processes (num_processes: 2 -> 1)"]
