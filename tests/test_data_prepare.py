@@ -106,7 +106,8 @@ def test_rerun_is_a_noop(tmp_path, tok_dir):
 
 def test_crash_mid_shard_leaves_nothing_marked_finished(tmp_path, tok_dir,
                                                         monkeypatch):
-  cfg = _corpus(tmp_path / "crash", tok_dir)
+  # In this process (the patched tokenizer); worker processes: test_data_prepare_parallel.py.
+  cfg = _corpus(tmp_path / "crash", tok_dir, num_prepare_workers=1)
   calls = {"n": 0, "crash_at": 7}
   real = T.TextTokenizer.encode_documents
 
@@ -132,7 +133,7 @@ def test_crash_mid_shard_leaves_nothing_marked_finished(tmp_path, tok_dir,
   resumed = P.prepare(cfg, progress=False, log=None)
   resumed_calls = calls["n"]
   assert not any(".tmp-" in f for f in os.listdir(train_dir))
-  clean_cfg = _corpus(tmp_path / "clean", tok_dir)
+  clean_cfg = _corpus(tmp_path / "clean", tok_dir, num_prepare_workers=1)
   calls["n"] = 0
   clean = P.prepare(clean_cfg, progress=False, log=None)
   # Shards 0 and 1 of "a" (3 tokenizer calls each) were not redone.

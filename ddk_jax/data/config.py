@@ -73,6 +73,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     docs_per_shard: documents per ArrayRecord shard written by prepare.
     tokenize_batch_size: documents per tokenizer call in prepare (the Rust
       tokenizer parallelises within a batch).
+    num_prepare_workers: worker processes that tokenize shards in prepare.
+      0 (default): one per CPU core; 1: tokenize in the prepare process.
+      The prepared shards are the same whatever the number.
     on_decode_error: "error" (default: fail naming file and byte offset) or
       "replace" (invalid UTF-8 bytes become U+FFFD).
     tfds_data_dir: data_dir passed to tfds.data_source (None: TFDS default).
@@ -92,6 +95,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.prefetch_buffer_size = 64
   c.docs_per_shard = 50_000
   c.tokenize_batch_size = 512
+  c.num_prepare_workers = 0
   c.on_decode_error = "error"
   c.tfds_data_dir = ml_collections.FieldReference(None, field_type=str)
   return c
@@ -197,6 +201,7 @@ def domain_specs(data_cfg: Any) -> list[DomainSpec]:
       _get(data_cfg, "num_validation_docs", 500), "num_validation_docs", 0)
   _check_int(_get(data_cfg, "docs_per_shard", 50_000), "docs_per_shard", 1)
   _check_int(_get(data_cfg, "num_threads", 2), "num_threads", 0)
+  _check_int(_get(data_cfg, "num_prepare_workers", 0), "num_prepare_workers", 0)
   policy = _get(data_cfg, "on_decode_error", "error")
   if policy not in DECODE_ERROR_POLICIES:
     raise DataConfigError(
