@@ -257,7 +257,8 @@ _WORKER = textwrap.dedent("""
     pid, port, cfg_json, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
                                num_processes=2, process_id=pid)
-    from ddk_jax.data import pipeline, testing
+    import data_helpers as testing
+    from ddk_jax.data import pipeline
     from ddk_jax.data.config import with_defaults
     from ddk_jax.data.tokenizer import load_tokenizer_from_config
     cfg = with_defaults(json.loads(cfg_json))
@@ -284,7 +285,8 @@ def test_two_jax_processes_get_disjoint_rows_covering_one_process(
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.dirname(os.path.abspath(__file__))]),
+             JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   procs = [subprocess.Popen(
       [sys.executable, str(script), str(i), str(port),
