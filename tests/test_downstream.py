@@ -92,7 +92,7 @@ def test_packed_batches_layout():
 def test_score_matches_unpacked_forward_and_compiles_once():
   """Requests split across rows and batches score exactly as each one alone."""
   params = random_params(CFG, seed=1)
-  fwd = PackedForward(jax.device_put(params, jax.devices()[0]), CFG, seq_len=32, batch_size=2)
+  fwd = PackedForward(params, CFG, seq_len=32, batch_size=2)  # host arrays: put on the device once
   rng = np.random.default_rng(0)
   seqs = [(rng.integers(0, CFG.vocab_size, n + 1), int(rng.integers(1, n + 1))) for n in
           (31, 32, 3, 17, 9, 14, 20, 5, 1, 12, 8, 26)]
@@ -115,6 +115,9 @@ def test_score_matches_unpacked_forward_and_compiles_once():
   rows = len(pack_lengths([len(t) - 1 for t, _ in seqs], 32))
   assert fwd.forward_calls == math.ceil(rows / 2) > 2
   assert fwd._fn._cache_size() == 1  # one compilation for every batch, the padded last one included
+  fwd.params = random_params(CFG, seed=2)  # other values of the same model (DDKJaxLM.update_params)
+  assert all(abs(a[0] - b[0]) > 1e-3 for a, b in zip(fwd.score(seqs), got))
+  assert fwd._fn._cache_size() == 1
   with pytest.raises(ValueError, match="do not fit a row of seq_len=32"):
     fwd.score([(np.arange(34), 1)])
 
@@ -154,7 +157,10 @@ def test_local_tasks_are_deterministic_and_well_formed(corpus, task_dir, tmp_pat
   # ensure_local_tasks reuses matching files and regenerates for other settings.
   mtime = os.path.getmtime(Path(task_dir, "ddk_math", "test.jsonl"))
   local_tasks.ensure_local_tasks(task_dir, corpus)
+  local_tasks.ensure_local_tasks(task_dir)  # no corpus given: the one the manifest names
   assert os.path.getmtime(Path(task_dir, "ddk_math", "test.jsonl")) == mtime
+  fewer = local_tasks.ensure_local_tasks(str(tmp_path / "again"), max_items=5)
+  assert fewer["corpus"] == corpus and all(v["test_items"] <= 5 for v in fewer["tasks"].values())
 
 
 def test_local_tasks_cli(corpus, tmp_path):
@@ -344,6 +350,28 @@ def test_sharded_params_score_the_same(hf_dir, ours):
   b = ours.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
   np.testing.assert_allclose([x for x, _ in a], [x for x, _ in b], atol=1e-4, rtol=0)
   assert [g for _, g in a] == [g for _, g in b]
+
+
+@needs_harness
+def test_from_run_serves_the_students_checkpoint(tmp_path):
+  """A run's student (the latest committed step) with the run's tokenizer, on the default mesh."""
+  import tiny_run
+
+  from ddk_jax import checkpointing, sharding
+  from ddk_jax.downstream import DDKJaxLM
+  from ddk_jax.trainer import train
+  assets = tiny_run.make_assets(str(tmp_path / "assets"))
+  train(tiny_run.tiny_config(assets, steps=2, **{"checkpoint.async_save": False}), str(tmp_path / "run"))
+  lm = DDKJaxLM.from_run(str(tmp_path / "run"), seq_len=64, batch_size=2)
+  assert lm.text_tokenizer.path == os.path.join(assets, "tok")
+  assert lm.forward.mesh.size == jax.device_count() and lm.batch_size == jax.device_count()
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  cfg, params = checkpointing.restore_student_params(str(tmp_path / "run"), mesh, sharding.DEFAULT_RULES)
+  single = DDKJaxLM(params, cfg, lm.text_tokenizer, seq_len=64, batch_size=2)
+  pairs = [("alpha beta", " gamma"), ("", "delta epsilon"), ("one two three", " four five")]
+  a = lm.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
+  b = single.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
+  np.testing.assert_allclose([x for x, _ in a], [x for x, _ in b], atol=1e-4, rtol=0)
 
 
 # ---- two processes -----------------------------------------------------------------------

@@ -370,12 +370,15 @@ def generate_local_tasks(out_dir: str, corpus_dir: str | None = None, *, tasks: 
 def ensure_local_tasks(out_dir: str, corpus_dir: str | None = None, *, tasks: list[str] | None = None,
                        log: Callable[[str], None] | None = None, **settings: Any) -> dict[str, Any]:
   """The manifest of out_dir's local tasks, generating them first unless they are there for
-  the same settings and the same corpus validation files."""
+  the same settings and the same corpus validation files.  Without `corpus_dir`, tasks are
+  regenerated from the corpus the manifest names when it still exists."""
   path = os.path.join(os.fspath(out_dir), MANIFEST)
   wanted = list(TASKS) if not tasks else list(tasks)
   if os.path.isfile(path):
     with open(path, encoding="utf-8") as f:
       have = json.load(f)
+    if corpus_dir is None and os.path.isdir(have.get("corpus", "")):
+      corpus_dir = have["corpus"]
     same = (have.get("version") == VERSION
             and have.get("settings") == {**DEFAULTS, **{k: v for k, v in settings.items() if v is not None}}
             and all(t in have.get("tasks", {}) for t in wanted))

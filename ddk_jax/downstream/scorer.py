@@ -100,10 +100,10 @@ class PackedForward:
     if seq_len < 2 or batch_size < 1:
       raise ValueError(f"seq_len must be >= 2 and batch_size >= 1, got {seq_len} and {batch_size}")
     self.cfg = cfg
-    self.params = params
     self.seq_len = int(seq_len)
     self.rules = tuple(rules) if rules is not None else sharding_lib.DEFAULT_RULES
     self.mesh = mesh if mesh is not None else _params_mesh(params)
+    self.params = params
     self.num_processes = jax.process_count()
     if self.num_processes > 1 and self.mesh is None:
       raise ValueError("several processes: the params must be placed on a mesh spanning them (load them with "
@@ -129,6 +129,15 @@ class PackedForward:
       replicated = NamedSharding(mesh, P())
       self._fn = jax.jit(wrapped, out_shardings=(replicated, replicated))
     self.forward_calls = 0
+
+  @property
+  def params(self) -> Any:
+    return self._params
+
+  @params.setter
+  def params(self, params: Any) -> None:
+    """New values of the same model; host arrays are put on the device once, here."""
+    self._params = params if self.mesh is not None else jax.device_put(params)
 
   # -- running batches ---------------------------------------------------------------
 
