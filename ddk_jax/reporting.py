@@ -243,6 +243,30 @@ def domain_table(names, before, after, teacher) -> str:
   return "\n".join(lines)
 
 
+def _rows_text(per_domain: dict) -> str:
+  return ", ".join(f"{n} {k}" for n, k in per_domain.items())
+
+
+def rows_note(summary: dict) -> str:
+  """Which validation rows the report's numbers were measured on (`summary["rows"]`)."""
+  rows = summary.get("rows")
+  if not rows:
+    return ""
+  final, controller = rows["final"], rows["controller"]
+  whole = f"the whole validation split ({_rows_text(final['per_domain'])} rows of {rows['seq_len']} tokens)"
+  if controller["per_domain"] == final["per_domain"]:
+    return f"Validation rows: {whole}, for the DDK controller and for every number below."
+  teacher = ", and the teacher (scored once on it at the end)" if summary.get("teacher_final") else ""
+  n = controller["max_rows"]
+  text = (f"Validation rows: the DDK controller scores the first {n} row{'s' if n != 1 else ''} per domain "
+          f"(ddk.eval_max_rows; {_rows_text(controller['per_domain'])}). The numbers below use {whole}: the "
+          f"student before training (scored once on it at step 0) and after training{teacher}.")
+  if summary.get("student_initial") is None:
+    text += (" This run's student was not scored on the whole split before training (it started with other "
+             "validation settings), so 'before' is left out.")
+  return text
+
+
 def write_report(workdir: str, summary: dict, history: list[dict], settings: Any) -> str:
   names = summary["domains"]
   plots = []
@@ -265,7 +289,9 @@ def write_report(workdir: str, summary: dict, history: list[dict], settings: Any
       "",
       "## Per-domain validation perplexity",
       "",
-      domain_table(names, summary["student_initial"], summary["student_final"], summary["teacher"]),
+      *([rows_note(summary), ""] if summary.get("rows") else []),
+      domain_table(names, summary["student_initial"], summary["student_final"],
+                   summary.get("teacher_final", summary["teacher"])),
       "",
       "Final sampling weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, summary["weights"])),
       "",

@@ -46,6 +46,14 @@ class LogState:
   metrics_bytes: int = 0  # length of metrics.jsonl at the checkpoint (cut back to it on resume)
   consecutive_skips: int = 0
   teacher_rows: str | None = None  # validation.rows_key the cached teacher losses were measured on
+  # With ddk.eval_max_rows > 0 the controller scores a subset; the report's numbers use the
+  # whole validation split: the student at step 0 (scored once, before training) and the
+  # teacher (scored once, at the end) on it.  Uncapped runs leave these None: the
+  # controller's rows are then the whole split.
+  whole_initial_student_losses: list[float] | None = None
+  whole_teacher_losses: list[float] | None = None
+  whole_teacher_rows: str | None = None  # validation.rows_key of the whole split they were measured on
+
 
   @classmethod
   def from_dict(cls, d: dict) -> LogState:
@@ -73,8 +81,12 @@ class Run:
   eval_student: Any  # jitted (params, batch) -> per-domain (CE sum, count)
   eval_teacher: Any
   data_iter: Any  # the DDK mixture over the per-domain pipelines
-  validation: dict  # domain -> ValidationBatches
+  validation: dict  # domain -> ValidationBatches: the rows the controller scores (ddk.eval_max_rows)
   rows_key: str  # which validation rows the controller scores (validation.rows_key)
+  whole_validation: dict  # the whole validation split, for the final evaluation (`validation` when the same rows)
+  whole_rows_key: str
+  rows_per_domain: list[int]  # rows of `validation` per domain, over all hosts
+  whole_rows_per_domain: list[int]  # rows of `whole_validation` per domain, over all hosts
   per_process_batch: int
   controller: MixtureController
   ckpt: checkpointing.RunCheckpoints
@@ -84,6 +96,11 @@ class Run:
   runtime: dict
   flops_per_token: float
   peak_flops: float  # all devices
+
+  @property
+  def capped(self) -> bool:
+    """Whether the controller scores fewer rows than the whole validation split (ddk.eval_max_rows)."""
+    return self.whole_validation is not self.validation
 
   def global_batch(self, batch: dict) -> dict:
     return sharding.host_batch_to_global(batch, self.mesh, self.rules)
@@ -115,6 +132,15 @@ class RunState:
 
 def resolved_config_dict(cfg: ml_collections.ConfigDict) -> dict:
   return json.loads(cfg.to_json_best_effort())
+
+
+def validation_rows(batches: dict, names: list[str]) -> list[int]:
+  """Rows (of seq_len tokens) per domain in `build_validation`'s batches, over all hosts."""
+  local = np.array([len(batches[n].rows) for n in names], np.int64)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    local = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, len(names)).sum(axis=0)
+  return [int(x) for x in local]
 
 
 def _check_workdir(workdir: str) -> None:
@@ -204,12 +230,20 @@ def setup(cfg: ml_collections.ConfigDict, settings: Settings, workdir: str, *,
                                    t_sh, mesh, rules) if teacher_cfg else None)
 
   data_iter = data_lib.build_train_iterator(cfg.data, manifest=manifest, tokenizer=tokenizer)
-  batches = data_lib.build_validation(cfg.data, batch_size=settings.ddk.eval_batch_size // jax.process_count(),
-                                      manifest=manifest, tokenizer=tokenizer, max_rows=settings.ddk.eval_max_rows)
+  # The final evaluation (and the report) uses the whole validation split; the controller
+  # scores the first ddk.eval_max_rows rows per domain of it when that is fewer.
+  eval_rows, eval_batch = settings.ddk.eval_max_rows, settings.ddk.eval_batch_size // jax.process_count()
+  whole_batches = data_lib.build_validation(cfg.data, batch_size=eval_batch, manifest=manifest, tokenizer=tokenizer)
+  whole_rows_per_domain = validation_rows(whole_batches, names)
+  batches, rows_per_domain = whole_batches, whole_rows_per_domain
+  if eval_rows and max(whole_rows_per_domain) > eval_rows:
+    batches = data_lib.build_validation(cfg.data, batch_size=eval_batch, manifest=manifest, tokenizer=tokenizer,
+                                        max_rows=eval_rows)
+    rows_per_domain = validation_rows(batches, names)
   config_dict = resolved_config_dict(cfg)
-  rows_key = validation.rows_key(config_dict["data"], num_processes=jax.process_count(),
-                                 eval_max_rows=settings.ddk.eval_max_rows,
-                                 eval_batch_size=settings.ddk.eval_batch_size)
+  rows_key, whole_rows_key = (
+      validation.rows_key(config_dict["data"], num_processes=jax.process_count(), eval_max_rows=max_rows,
+                          eval_batch_size=settings.ddk.eval_batch_size) for max_rows in (eval_rows, 0))
   controller = MixtureController(
       names, settings.mode, alpha=settings.ddk.alpha, floor=settings.ddk.floor,
       initial_weights=None if settings.mode == "ddk_equal_sampling" else data_lib.initial_weights(cfg.data))
@@ -257,7 +291,9 @@ def setup(cfg: ml_collections.ConfigDict, settings: Settings, workdir: str, *,
       settings=settings, workdir=workdir, is_main=is_main, names=names, mesh=mesh, rules=rules,
       student_cfg=student_cfg, teacher_cfg=teacher_cfg, teacher_params=teacher_params, train_step=train_step,
       eval_student=eval_student, eval_teacher=eval_teacher, data_iter=data_iter, validation=batches,
-      rows_key=rows_key, per_process_batch=settings.global_batch_size // jax.process_count(),
+      rows_key=rows_key, whole_validation=whole_batches, whole_rows_key=whole_rows_key,
+      rows_per_domain=rows_per_domain, whole_rows_per_domain=whole_rows_per_domain,
+      per_process_batch=settings.global_batch_size // jax.process_count(),
       controller=controller, ckpt=ckpt, writer=writer,
       progress=reporting.Progress(settings.steps, start_step, enabled=is_main and settings.logging.progress_bar),
       config_dict=config_dict, runtime=runtime,

@@ -6,8 +6,8 @@ Order of one run: validate the config (`Settings`), pre-train any model the conf
 (`bootstrap`), build everything and restore the latest checkpoint (`run_setup`), then `_loop`:
 the teacher's per-domain validation CE once (cached in checkpoints); every K steps (and at
 step 0) the student's, a DDK update and new mixture weights; one train step per batch;
-metrics, periodic evaluation and checkpoints; finally an evaluation, a last checkpoint,
-plots and report.md.
+metrics, periodic evaluation and checkpoints; finally an evaluation on the whole validation
+split, a last checkpoint, plots and report.md.
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ def _loop(run: Run, st: RunState, preemption: Preemption) -> dict:
     _score_teacher(run, st)
     if st.step == 0 and st.log.initial_student_losses is None and not s.ddk.update_at_start:
       st.log.initial_student_losses = _score_student(run, st, 0).tolist()  # the report's "before"
+    if st.step == 0 and run.capped and st.log.whole_initial_student_losses is None:
+      # The controller scores a subset: the report's "before" is measured on the whole split, once.
+      st.log.whole_initial_student_losses = _score_whole_split(run, st, 0).tolist()
     while st.step < s.steps:
       if _ddk_update_due(run, st):
         _ddk_update(run, st)
@@ -159,6 +162,25 @@ def _score_student(run: Run, st: RunState, step: int, *, for_controller: bool = 
   return losses
 
 
+def _score_whole_split(run: Run, st: RunState, step: int, *, teacher: bool = False) -> np.ndarray:
+  """The student's (or the teacher's) CE on the whole validation split, for a run whose controller
+  scores fewer rows (ddk.eval_max_rows): logged as kind "eval_whole" ("teacher_eval_whole")."""
+  _drain(run, st)
+  t = time.time()
+  fn, params = (run.eval_teacher, run.teacher_params) if teacher else (run.eval_student, st.train_state["params"])
+  losses, _ = validation.evaluate_domains(fn, params, run.whole_validation, run.mesh, run.rules, run.names)
+  seconds = time.time() - t
+  st.log.eval_seconds += seconds
+  who = "teacher" if teacher else "student"
+  _log.info("%s validation on the whole split at step %d: %d batches in %.1f s", who, step,
+            sum(v.num_batches for v in run.whole_validation.values()), seconds)
+  prefix = "val_whole_teacher" if teacher else "val_whole"
+  run.writer.write(step, {f"{prefix}/{n}/ce": float(v) for n, v in zip(run.names, losses)}
+                   | {f"{prefix}/{n}/ppl": float(np.exp(v)) for n, v in zip(run.names, losses)},
+                   kind=f"{'teacher_' if teacher else ''}eval_whole")
+  return losses
+
+
 def _drain(run: Run, st: RunState) -> None:
   """Reads the metrics of every dispatched step: logs them, counts non-finite steps."""
   s = run.settings
@@ -226,10 +248,20 @@ def _save(run: Run, st: RunState, force: bool = False) -> None:
 
 
 def _finish(run: Run, st: RunState) -> None:
-  """Final evaluation and checkpoint (once: a finished run only rewrites its report)."""
+  """Final evaluation on the whole validation split and checkpoint (once: a finished run only
+  rewrites its report).  When the controller scores a subset (ddk.eval_max_rows), the student is
+  also scored on that subset (the `val/` curves end at the last step) and the teacher, once, on
+  the whole split (the report compares both models on the same rows)."""
+  steps = run.settings.steps
   if st.log.final_student_losses is None:
-    st.log.final_student_losses = [float(x) for x in _score_student(run, st, run.settings.steps)]
-    if run.ckpt.latest_step() != run.settings.steps:
+    final = _score_student(run, st, steps)
+    if run.capped:
+      final = _score_whole_split(run, st, steps)
+      if run.settings.uses_teacher and st.log.whole_teacher_rows != run.whole_rows_key:
+        st.log.whole_teacher_losses = _score_whole_split(run, st, steps, teacher=True).tolist()
+        st.log.whole_teacher_rows = run.whole_rows_key
+    st.log.final_student_losses = [float(x) for x in final]
+    if run.ckpt.latest_step() != steps:
       _save(run, st, force=True)
   else:
     _log.info("%s already finished at step %d; writing its report again.", run.workdir, run.settings.steps)
@@ -237,12 +269,25 @@ def _finish(run: Run, st: RunState) -> None:
 
 
 def _summary(run: Run, st: RunState) -> dict:
+  """The run's summary.json.  `student_initial`, `student_final` and `teacher_final` are on the
+  whole validation split (`rows.final`); `teacher` is the controller's cached lT, on the rows it
+  scores (`rows.controller`: the same rows unless ddk.eval_max_rows caps them)."""
   teacher = run.controller.teacher_losses
+  teacher = None if teacher is None else [float(x) for x in teacher]
+  initial, teacher_final = st.log.initial_student_losses, teacher
+  if run.capped:
+    initial = st.log.whole_initial_student_losses
+    teacher_final = st.log.whole_teacher_losses if st.log.whole_teacher_rows == run.whole_rows_key else None
   summary = {
       "status": "done", "step": run.settings.steps, "mode": run.settings.mode, "domains": run.names,
-      "student_initial": st.log.initial_student_losses,
+      "student_initial": initial,
       "student_final": st.log.final_student_losses,
-      "teacher": None if teacher is None else [float(x) for x in teacher],
+      "teacher": teacher,
+      "teacher_final": teacher_final,
+      "rows": {"seq_len": run.settings.seq_len,
+               "controller": {"max_rows": run.settings.ddk.eval_max_rows,
+                              "per_domain": dict(zip(run.names, run.rows_per_domain))},
+               "final": {"max_rows": 0, "per_domain": dict(zip(run.names, run.whole_rows_per_domain))}},
       "weights": run.controller.weights.tolist(),
       "skipped_steps": st.skipped_total,
       "eval_seconds": st.log.eval_seconds,
