@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from ddk_jax import storage
 
 _log = logging.getLogger("ddk_jax")
 
@@ -22,12 +23,16 @@ class MetricsWriter:
     self.enabled = enabled
     self._file = None
     self._tb = None
+    self._tb_dir = None
     if not enabled:
       return
-    self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    # On gs:// the log is uploaded whole (objects cannot be appended to) at every checkpoint
+    # (`sync`) and at the end; TensorBoard writes into a local mirror uploaded at the same times.
+    self._file = storage.AppendLog(storage.join(workdir, "metrics.jsonl"))
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb_dir = storage.LocalMirror(storage.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(self._tb_dir.local)
 
   def write(self, step: int, values: dict[str, float], kind: str) -> None:
     if not self.enabled:
@@ -40,19 +45,26 @@ class MetricsWriter:
       for k, v in values.items():
         self._tb.add_scalar(k if "/" in k else f"{kind}/{k}", float(v), int(step))
 
+  def sync(self) -> None:
+    """Stores everything written so far (on gs://: uploads metrics.jsonl and the events)."""
+    if not self.enabled:
+      return
+    self._file.flush_remote()
+    if self._tb is not None:
+      self._tb.flush()
+      self._tb_dir.sync()
+
   def size(self) -> int:
     """Bytes written to metrics.jsonl so far (saved in checkpoints, see `truncate`)."""
-    self._file.flush()
-    return os.path.getsize(self._file.name)
+    self.sync()
+    return self._file.size()
 
   def truncate(self, size: int, restored_step: int | None) -> None:
     """Makes metrics.jsonl read like an uninterrupted run: rows logged after the checkpoint
     the run resumes from (or, with no checkpoint, by an earlier attempt) are dropped."""
-    path = self._file.name
-    current = os.path.getsize(path)
+    current = self._file.size()
     if current > size:
-      self._file.flush()
-      os.truncate(path, size)
+      self._file.truncate(size)
       what = (f"after checkpoint step {restored_step}" if restored_step is not None
               else "by an attempt with no checkpoint")
       _log.info("metrics.jsonl: dropped %d bytes of rows logged %s (they are logged again).", current - size, what)
@@ -67,6 +79,7 @@ class MetricsWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+      self._tb_dir.close()
 
 
 class Progress:
@@ -197,7 +210,8 @@ def _plot_weights(history: list[dict], names: list[str], path: str) -> None:
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  with storage.open(path, "wb") as f:
+    fig.savefig(f, dpi=110, format="png")
   plt.close(fig)
 
 
@@ -220,7 +234,8 @@ def _plot_perplexity(history: list[dict], names: list[str], teacher: list[float]
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3, which="both")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  with storage.open(path, "wb") as f:
+    fig.savefig(f, dpi=110, format="png")
   plt.close(fig)
 
 
@@ -271,8 +286,8 @@ def write_report(workdir: str, summary: dict, history: list[dict], settings: Any
   names = summary["domains"]
   plots = []
   if history:
-    _plot_weights(history, names, os.path.join(workdir, "domain_weights.png"))
-    _plot_perplexity(history, names, summary["teacher"], os.path.join(workdir, "val_perplexity.png"))
+    _plot_weights(history, names, storage.join(workdir, "domain_weights.png"))
+    _plot_perplexity(history, names, summary["teacher"], storage.join(workdir, "val_perplexity.png"))
     plots = ["domain_weights.png", "val_perplexity.png"]
   wall = max(summary["wall_seconds"], 1e-9)
   controller = summary.get("controller_eval_seconds", summary["eval_seconds"])
@@ -298,9 +313,7 @@ def write_report(workdir: str, summary: dict, history: list[dict], settings: Any
   ]
   for p in plots:
     text += [f"![{p}]({p})", ""]
-  path = os.path.join(workdir, "report.md")
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("\n".join(text))
-  with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=1)
+  path = storage.join(workdir, "report.md")
+  storage.write_text(path, "\n".join(text))
+  storage.write_text(storage.join(workdir, "summary.json"), json.dumps(summary, indent=1))
   return path

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -19,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddk_jax import checkpointing, flops, reporting, resume_policy, sharding, validation
+from ddk_jax import checkpointing, flops, reporting, resume_policy, sharding, storage, validation
 from ddk_jax import optim, train_step as ts
 from ddk_jax.controller import MixtureController
 from ddk_jax.errors import TrainingError
@@ -53,7 +52,6 @@ class LogState:
   whole_initial_student_losses: list[float] | None = None
   whole_teacher_losses: list[float] | None = None
   whole_teacher_rows: str | None = None  # validation.rows_key of the whole split they were measured on
-
 
   @classmethod
   def from_dict(cls, d: dict) -> LogState:
@@ -145,14 +143,10 @@ def validation_rows(batches: dict, names: list[str]) -> list[int]:
 
 def _check_workdir(workdir: str) -> None:
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    storage.check_writable(workdir)
   except OSError as e:
-    raise TrainingError(f"workdir {workdir!r} is not writable ({e.strerror}); pass --workdir= a directory "
-                        "you can write to.") from None
+    raise TrainingError(f"workdir {workdir!r} is not writable ({e.strerror or e}); pass --workdir= a directory "
+                        "or gs:// bucket path you can write to.") from None
 
 
 def _run_time_overrides(section: Any) -> dict:
@@ -183,7 +177,7 @@ def setup(cfg: ml_collections.ConfigDict, settings: Settings, workdir: str, *,
   from ddk_jax import data as data_lib
 
   started_at = time.time()
-  workdir = os.path.abspath(workdir)
+  workdir = storage.resolve(workdir)  # absolute locally; gs://... kept as it is
   is_main = jax.process_index() == 0
   _check_workdir(workdir)
 

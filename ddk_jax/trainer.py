@@ -201,7 +201,8 @@ def _drain(run: Run, st: RunState) -> None:
       tok_s = st.window_tokens / max(time.time() - st.window_start, 1e-9)
       mfu = run.flops_per_token * tok_s / run.peak_flops
       row = {"loss": float(m["loss"]), "ce": float(m["ce"]), "kl": float(m["kl"]),
-             "grad_norm": float(m["grad_norm"]), "tokens_per_s": tok_s, "mfu": mfu,
+             "grad_norm": float(m["grad_norm"]), "gamma": float(m["gamma"]), "temperature": float(m["temperature"]),
+             "tokens_per_s": tok_s, "mfu": mfu,
              "skipped_steps": st.skipped_total}
       row |= {f"rows/{n}": int(c) for n, c in zip(run.names, st.window_rows)}  # this host's rows since the last row
       run.writer.write(step + 1, row, kind="train")
