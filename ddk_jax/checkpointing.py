@@ -118,6 +118,34 @@ def latest_good_step(workdir: str) -> int | None:
   return good[-1] if good else None
 
 
+class NoSuchStepError(ValueError):
+  """A --workdir or --step with no usable checkpoint: a user mistake, named with the fix."""
+
+
+def committed_step(workdir: str, step: int | None) -> int:
+  """`step` (or the latest) if run `workdir` has a committed checkpoint of it; errors name the
+  committed steps there are (the --workdir/--step of export and evaluate)."""
+  if not storage.isdir(workdir):
+    raise NoSuchStepError(f"--workdir={workdir} does not exist; pass the run directory of a ddk_jax training run.")
+  ckpt_dir = checkpoint_dir(workdir)
+  if not storage.isdir(ckpt_dir):
+    raise NoSuchStepError(f"--workdir={workdir} is not a ddk_jax run (it has no checkpoints/ directory); pass the "
+                          "--workdir a training run wrote.")
+  good, bad = scan_steps(ckpt_dir)
+  if not good:
+    raise NoSuchStepError(f"{ckpt_dir} holds no committed checkpoint; train the run first (python -m ddk_jax.main "
+                          f"--workdir={workdir} ...).")
+  if step is None:
+    return good[-1]
+  if step not in good:
+    why = dict(bad).get(step)
+    shown = ", ".join(map(str, good[-10:])) + (f" (and {len(good) - 10} earlier)" if len(good) > 10 else "")
+    reason = f"its checkpoint is unusable ({why})" if why else f"it has no checkpoint of step {step}"
+    raise NoSuchStepError(f"--step={step}: {reason} in {ckpt_dir}; committed steps: {shown}. Leave --step out for "
+                          "the latest.")
+  return step
+
+
 def move_aside(directory: str, step: int, why: str) -> str:
   """Renames step directory `<step>` to `<step>.unusable-<time>` (never deletes it).
 

@@ -66,9 +66,12 @@ def check_arguments(*, workdir: str | None, step: int | None, hf_path: str | Non
 def check_student_source(*, workdir: str | None, step: int | None, hf_path: str | None) -> int | None:
   """The checkpoint step to read from run `workdir`, or None after checking the `hf_path`
   directory (config.json and safetensors headers); EvaluationError naming the problem."""
-  from ddk_jax import hf, storage
+  from ddk_jax import checkpointing, hf, storage
   if workdir is not None:
-    return committed_step(storage.resolve(workdir), step)
+    try:
+      return checkpointing.committed_step(storage.resolve(workdir), step)
+    except checkpointing.NoSuchStepError as e:
+      raise EvaluationError(str(e)) from None
   hf_path = storage.resolve(hf_path)
   if not storage.isdir(hf_path):
     raise EvaluationError(f"--hf_path={hf_path} does not exist; pass a Hugging Face model directory (config.json "
@@ -79,30 +82,6 @@ def check_student_source(*, workdir: str | None, step: int | None, hf_path: str 
     raise EvaluationError(f"--hf_path={hf_path}: {e}") from None
   return None
 
-
-def committed_step(workdir: str, step: int | None) -> int:
-  """`step` (or the latest) if run `workdir` has a committed checkpoint of it."""
-  from ddk_jax import checkpointing, storage
-
-  if not storage.isdir(workdir):
-    raise EvaluationError(f"--workdir={workdir} does not exist; pass the run directory of a ddk_jax training run.")
-  ckpt_dir = checkpointing.checkpoint_dir(workdir)
-  if not storage.isdir(ckpt_dir):
-    raise EvaluationError(f"--workdir={workdir} is not a ddk_jax run (it has no checkpoints/ directory); pass the "
-                          "--workdir a training run wrote.")
-  good, bad = checkpointing.scan_steps(ckpt_dir)
-  if not good:
-    raise EvaluationError(f"{ckpt_dir} holds no committed checkpoint; train the run first (python -m ddk_jax.main "
-                          f"--workdir={workdir} ...).")
-  if step is None:
-    return good[-1]
-  if step not in good:
-    why = dict(bad).get(step)
-    shown = ", ".join(map(str, good[-10:])) + (f" (and {len(good) - 10} earlier)" if len(good) > 10 else "")
-    reason = f"its checkpoint is unusable ({why})" if why else f"it has no checkpoint of step {step}"
-    raise EvaluationError(f"--step={step}: {reason} in {ckpt_dir}; committed steps: {shown}. Leave --step out for "
-                          "the latest.")
-  return step
 
 
 def default_output(workdir: str, step: int, max_rows: int = 0) -> str:

@@ -51,31 +51,6 @@ def parse_size(text: str) -> int:
   return size
 
 
-def committed_step(workdir: str, step: int | None) -> int:
-  """`step` (or the latest) if it is a committed checkpoint of run `workdir`; errors list the ones there are."""
-  from etils import epath
-  from ddk_jax import checkpointing
-
-  if not epath.Path(workdir).is_dir():
-    raise FileNotFoundError(f"--workdir={workdir} does not exist; pass the run directory of a ddk_jax training run.")
-  ckpt_dir = checkpointing.checkpoint_dir(workdir)
-  if not epath.Path(ckpt_dir).is_dir():
-    raise FileNotFoundError(f"--workdir={workdir} is not a ddk_jax run (it has no checkpoints/ directory); pass the "
-                            "--workdir a training run wrote.")
-  good, bad = checkpointing.scan_steps(ckpt_dir)
-  if not good:
-    raise FileNotFoundError(f"{ckpt_dir} holds no committed checkpoint; train the run first (python -m ddk_jax.main "
-                            f"--workdir={workdir} ...).")
-  if step is None:
-    return good[-1]
-  if step not in good:
-    why = dict(bad).get(step)
-    shown = ", ".join(map(str, good[-10:])) + (f" (and {len(good) - 10} earlier)" if len(good) > 10 else "")
-    reason = f"its checkpoint is unusable ({why})" if why else f"it has no checkpoint of step {step}"
-    raise ValueError(f"--step={step}: {reason} in {ckpt_dir}; committed steps: {shown}. Leave --step out for the "
-                     "latest.")
-  return step
-
 
 def export_run(workdir: str, out: str, *, step: int | None = None, architecture: str | None = None,
                dtype: str = "bfloat16", max_shard_size_bytes: int = 5 * 2**30, tokenizer: str | None = None,
@@ -84,7 +59,7 @@ def export_run(workdir: str, out: str, *, step: int | None = None, architecture:
   from ddk_jax.data.tokenizer import load_tokenizer
   from ddk_jax.hf import export_hf_checkpoint
 
-  step = committed_step(workdir, step)
+  step = checkpointing.committed_step(workdir, step)
   mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
   rules = sharding.DEFAULT_RULES
   cfg, params = checkpointing.restore_student_params(workdir, mesh, rules, step=step)
