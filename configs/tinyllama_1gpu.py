@@ -12,21 +12,13 @@ GiB is resident (student fp32 params, AdamW moments and grad accumulator 16.4 Gi
 bf16 teacher 24.2 GiB).
 """
 
-import importlib.util
 import os
 
-
-def _tinyllama():
-  """configs/tinyllama.py, loaded from beside this file (works from any working directory)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tinyllama.py")
-  spec = importlib.util.spec_from_file_location("ddk_jax_configs_tinyllama", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from ddk_jax.config_defaults import config_from_file
 
 
 def get_config():
-  c = _tinyllama().get_config()
+  c = config_from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tinyllama.py"))
   c.mesh.data = 1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1

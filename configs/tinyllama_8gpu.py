@@ -10,21 +10,13 @@ configs/tinyllama.py; only the layout differs. Sized with
 (table in docs/gpu.md): about 43 GiB per GPU at the peak.
 """
 
-import importlib.util
 import os
 
-
-def _tinyllama():
-  """configs/tinyllama.py, loaded from beside this file (works from any working directory)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tinyllama.py")
-  spec = importlib.util.spec_from_file_location("ddk_jax_configs_tinyllama", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from ddk_jax.config_defaults import config_from_file
 
 
 def get_config():
-  c = _tinyllama().get_config()
+  c = config_from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tinyllama.py"))
   # FSDP over the 8 GPUs: each holds 1/8 of the student's params, grads and moments and
   # of the teacher (5.1 GiB resident per GPU instead of 40.6).
   c.mesh.data = 1

@@ -21,6 +21,18 @@ def model_section(**overrides) -> ml_collections.ConfigDict:
   return cfg
 
 
+def config_from_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of another experiment file, e.g. a preset that starts from
+  configs/tinyllama.py: `config_from_file(os.path.join(os.path.dirname(__file__), "tinyllama.py"))`."""
+  import importlib.util
+  import os
+  name = "ddk_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def base_config() -> ml_collections.ConfigDict:
   from ddk_jax.data.config import default_data_config  # the data package owns its section
 
