@@ -107,6 +107,7 @@ class _Static:
   temperature: float | None  # None: traced, in dyn["temperature"]
   gamma: float | None  # None: traced, in dyn["gamma"] (loss-sum form only)
   chunk_size: int | None
+  teacher_ce: bool = False  # loss-sum form: also the teacher's CE at the target, per token
 
 
 def _hyper(st: _Static, dyn: dict, key: str):
@@ -214,6 +215,14 @@ def _chunk_values(z_s, z_t, tgt, t, st):
   return ce, kl, lse_s, lse_s_t, lse_t_t
 
 
+def _teacher_chunk_ce(z_t, tgt, t, lse_t_t, st):
+  """The teacher's own CE at the target (untempered, vocab-masked) for one chunk, from the
+  chunk's teacher logits: at T == 1 it reuses the tempered lse, else one more lse over them."""
+  z = _mask_vocab(z_t, st)
+  lse = lse_t_t if _is_one(t) else _lse(z)
+  return lse - jnp.sum(jnp.where(_is_target(z.shape, tgt), z, 0.0), axis=-1)
+
+
 def _chunk_dlogits(z_s, z_t, tgt, valid, lse_s, lse_s_t, lse_t_t, g_ce, g_kl, t, st):
   """d(sum g_ce*ce + g_kl*kd)/d z_s for one chunk: fp32 [B, c, V].
 
@@ -281,7 +290,8 @@ def _logits(xs, ws, wt, st):
 
 
 def _values_scan(hs, ws, ht, wt, targets, mask, t, st):
-  """Forward only: per-token ce, kd (masked) and the three lse's, each [B, S]."""
+  """Forward only: per-token ce, kd (masked) and the three lse's, each [B, S]; with
+  `st.teacher_ce` the teacher's CE (masked) last."""
   xs, _, _ = _prepare(hs, ht, targets, mask, st.chunk_size, ws.shape[1])
 
   def body(_, x):
@@ -289,6 +299,8 @@ def _values_scan(hs, ws, ht, wt, targets, mask, t, st):
     ce, kl, *lses = _chunk_values(z_s, z_t, x["tgt"], t, st)
     ce = jnp.where(x["valid"], ce, 0.0)
     kl = jnp.where(x["valid"], kl, 0.0)
+    if st.teacher_ce:
+      return None, (ce, kl, *lses, jnp.where(x["valid"], _teacher_chunk_ce(z_t, x["tgt"], t, lses[2], st), 0.0))
     return None, (ce, kl, *lses)
 
   _, ys = jax.lax.scan(body, None, xs)
@@ -317,7 +329,8 @@ def _grads_scan(hs, ws, ht, wt, targets, mask, t, st, g_ce, g_kl, lses):
 
 
 def _fused_scan(hs, ws, ht, wt, targets, mask, t, gamma, st):
-  """Values and the gradient of sum(ce) + gamma*sum(kd) in one pass over chunks."""
+  """Values and the gradient of sum(ce) + gamma*sum(kd) in one pass over chunks; with
+  `st.teacher_ce` the teacher's per-token CE too (returned last)."""
   xs, _, _ = _prepare(hs, ht, targets, mask, st.chunk_size, ws.shape[1])
   cdt = jnp.promote_types(hs.dtype, ws.dtype)
 
@@ -331,11 +344,14 @@ def _fused_scan(hs, ws, ht, wt, targets, mask, t, gamma, st):
     dh, dw = _grad_matmuls(x["hs"], ws, dz, cdt)
     ce = jnp.where(x["valid"], ce, 0.0)
     kl = jnp.where(x["valid"], kl, 0.0)
+    if st.teacher_ce:
+      return dw_acc + dw, (ce, kl, dh, jnp.where(x["valid"], _teacher_chunk_ce(z_t, x["tgt"], t, lses[2], st), 0.0))
     return dw_acc + dw, (ce, kl, dh)
 
-  dw, (ce, kl, dh) = jax.lax.scan(body, jnp.zeros(ws.shape, loss_dtype(hs, ws)), xs)
+  dw, ys = jax.lax.scan(body, jnp.zeros(ws.shape, loss_dtype(hs, ws)), xs)
   s = hs.shape[1]
-  return _from_chunks(ce, s), _from_chunks(kl, s), _from_chunks(dh, s), dw
+  out = (_from_chunks(ys[0], s), _from_chunks(ys[1], s), _from_chunks(ys[2], s), dw)
+  return out + (_from_chunks(ys[3], s),) if st.teacher_ce else out
 
 
 def _teacher_zeros(ht, wt):
@@ -398,7 +414,7 @@ def _check_teacher(teacher_hidden, teacher_head, student_head, valid_vocab):
   return jax.lax.stop_gradient(teacher_hidden), wt
 
 
-def _static_and_dyn(student_head, divergence, valid_vocab, temperature, gamma, chunk_size):
+def _static_and_dyn(student_head, divergence, valid_vocab, temperature, gamma, chunk_size, teacher_ce=False):
   vocab = student_head.shape[1]
   if valid_vocab is not None:
     valid_vocab = int(valid_vocab)
@@ -414,7 +430,7 @@ def _static_and_dyn(student_head, divergence, valid_vocab, temperature, gamma, c
   if isinstance(g, jax.Array):
     dyn["gamma"], g = g, None
   st = _Static(divergence=as_divergence(divergence), valid_vocab=valid_vocab, temperature=t, gamma=g,
-               chunk_size=chunk_size)
+               chunk_size=chunk_size, teacher_ce=teacher_ce)
   return st, dyn
 
 
@@ -454,14 +470,14 @@ def chunked_kd_token_losses(student_hidden: jax.Array, student_head: jax.Array,
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _loss_sum(hs, ws, ht, wt, targets, mask, dyn, st):
   t, gamma = _hyper(st, dyn, "temperature"), _hyper(st, dyn, "gamma")
-  ce, kl, *_ = _values_scan(hs, ws, ht, wt, targets, mask, t, st)
-  return jnp.sum(ce) + gamma * jnp.sum(kl), ce, kl
+  ce, kl, *rest = _values_scan(hs, ws, ht, wt, targets, mask, t, st)
+  return (jnp.sum(ce) + gamma * jnp.sum(kl), ce, kl) + ((rest[-1],) if st.teacher_ce else ())
 
 
 def _loss_sum_fwd(hs, ws, ht, wt, targets, mask, dyn, st):
   t, gamma = _hyper(st, dyn, "temperature"), _hyper(st, dyn, "gamma")
-  ce, kl, dh, dw = _fused_scan(hs, ws, ht, wt, targets, mask, t, gamma, st)
-  out = (jnp.sum(ce) + gamma * jnp.sum(kl), ce, kl)
+  ce, kl, dh, dw, *tce = _fused_scan(hs, ws, ht, wt, targets, mask, t, gamma, st)
+  out = (jnp.sum(ce) + gamma * jnp.sum(kl), ce, kl) + tuple(tce)
   # Saved: gradients for a unit cotangent (d hidden fp32 [B,S,H], d head fp32
   # [H,V]); the per-token outputs are stop_gradient-ed by the wrapper.
   # Empty arrays carry the input dtypes (residuals must be arrays); the teacher
@@ -484,7 +500,7 @@ _loss_sum.defvjp(_loss_sum_fwd, _loss_sum_bwd)
 def chunked_kd_loss_sum(student_hidden: jax.Array, student_head: jax.Array, teacher_hidden: jax.Array | None,
     teacher_head: jax.Array | None, targets: jax.Array, mask: jax.Array, *, temperature: float | jax.Array,
     gamma: float | jax.Array, chunk_size: int | None = None, divergence: str | Divergence = "forward_kl",
-    valid_vocab: int | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    valid_vocab: int | None = None, teacher_ce: bool = False) -> tuple[jax.Array, tuple[jax.Array, ...]]:
   """Training form: ``(sum(ce_tok) + gamma * sum(kl_tok), (ce_tok, kl_tok))``.
 
   Arguments as in ``chunked_kd_token_losses``, plus ``gamma`` (a Python number, or a
@@ -494,10 +510,19 @@ def chunked_kd_loss_sum(student_hidden: jax.Array, student_head: jax.Array, teac
   recomputed in the backward), and ``ce_tok`` / ``kl_tok`` are ``stop_gradient``-ed
   (use them for metrics such as ``per_domain_sums``). Without differentiation (eval),
   only the values are computed.
+
+  ``teacher_ce=True`` (a teacher is needed) adds a third per-token output, the teacher's own
+  CE at the target, ``-log softmax(h_T @ W_T)[target]`` on the same vocabulary as the
+  student's CE (untempered, like the eval step's): ``(total, (ce_tok, kl_tok, teacher_ce_tok))``.
+  It is formed in the same pass over the chunks from the teacher logits already there (at
+  T == 1 from their log-sum-exp too; otherwise with one more over the chunk).
   """
   if teacher_hidden is None and teacher_head is None:
+    if teacher_ce:
+      raise ValueError("teacher_ce=True needs the teacher's hidden states and head")
     gamma = 0.0
-  st, dyn = _static_and_dyn(student_head, divergence, valid_vocab, temperature, gamma, chunk_size)
+  st, dyn = _static_and_dyn(student_head, divergence, valid_vocab, temperature, gamma, chunk_size, teacher_ce)
   ht, wt = _check_teacher(teacher_hidden, teacher_head, student_head, st.valid_vocab)
-  total, ce, kl = _loss_sum(student_hidden, student_head, ht, wt, targets, mask, dyn, st)
-  return total, (jax.lax.stop_gradient(ce), jax.lax.stop_gradient(kl))
+  total, ce, kl, *tce = _loss_sum(student_hidden, student_head, ht, wt, targets, mask, dyn, st)
+  return total, (jax.lax.stop_gradient(ce), jax.lax.stop_gradient(kl), *map(jax.lax.stop_gradient, tce))
+

@@ -111,7 +111,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.ddk = ml_collections.ConfigDict()
   c.ddk.interval = 1000  # K: steps between domain-weight updates
   c.ddk.alpha = 0.5  # factor-smoothing weight
-  c.ddk.floor = 0.0  # minimum weight per domain
+  # Minimum / maximum weight per domain: a number for every domain, or {domain: number}
+  # (domains left out: no floor / no cap). sum(floor) <= 1 <= sum(cap).
+  c.ddk.floor = ml_collections.FieldReference(0.0, field_type=object)
+  c.ddk.cap = ml_collections.FieldReference(1.0, field_type=object)
+  c.ddk.discrepancy = "ratio"  # x = lS / lT (the paper) | excess: x = lS - lT
+  c.ddk.softmax_temperature = 1.0  # tau of softmax(x / tau); 1 in the paper
+  # Where lS and lT come from: validation (held-out rows every K steps, the paper) | train
+  # (the training batches' own losses over the last K steps: no validation for the controller).
+  c.ddk.signal = "validation"
+  c.ddk.signal_ema = 1.0  # train signal: weight of the newest interval in a running mean (1: that interval only)
   c.ddk.update_at_start = True  # first update at step 0 from the measured gap
   # The static mixture of kd/cpt (and ddk before its first update) is data.domains[i].weight.
   c.ddk.eval_batch_size = 8  # validation rows per eval batch (global)

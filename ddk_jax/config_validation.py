@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ddk_jax import sharding
+from ddk_jax import ddk, sharding
 from ddk_jax.ddk import MODES
 from ddk_jax.model import ModelConfig
 from ddk_jax.losses import DIVERGENCES
@@ -67,6 +67,61 @@ def _validate_loss(loss: Any) -> None:
                         f"pass --config.loss.{name}_end=VALUE.")
     if (float(end) <= low) if strict else (float(end) < low):
       raise ConfigError(f"loss.{name}_end={end!r}: must be {'>' if strict else '>='} {low:g}.")
+
+
+def _domain_names(cfg: Any) -> list[str]:
+  return [str(d.get("name")) if hasattr(d, "get") else str(d) for d in (cfg.data.domains or [])]
+
+
+def ddk_bound(cfg: Any, key: str) -> float | dict:
+  """`ddk.floor` or `ddk.cap` resolved: a float for every domain, or {domain: float} over all
+  domains (those a map leaves out: 0 for the floor, 1 for the cap). ConfigError for a value
+  that is neither, a number outside [0, 1] or an unknown domain."""
+  value, default = cfg.ddk[key], (0.0 if key == "floor" else 1.0)
+  names = _domain_names(cfg)
+
+  def number(v: Any, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
+      raise ConfigError(f"{where}={v!r}: must be a number in [0, 1], or a map {{domain: number}} over the domains "
+                        f"{names}.")
+    return float(v)
+
+  if hasattr(value, "items"):
+    unknown = [k for k in value.keys() if k not in names]
+    if unknown:
+      raise ConfigError(f"ddk.{key}: unknown domains {unknown}; the domains are {names}.")
+    given = {str(k): number(v, f"ddk.{key}.{k}") for k, v in value.items()}
+    return {n: given.get(n, default) for n in names}
+  return number(value, f"ddk.{key}")
+
+
+def _validate_ddk(cfg: Any) -> None:
+  """The ddk section's variants (discrepancy, temperature, signal) and the floor and cap."""
+  d = cfg.ddk
+  if d.discrepancy not in ddk.DISCREPANCIES:
+    raise ConfigError(f"ddk.discrepancy={d.discrepancy!r}: must be one of {', '.join(ddk.DISCREPANCIES)} "
+                      "(ratio: lS / lT, the paper; excess: lS - lT).")
+  if not (math.isfinite(float(d.softmax_temperature)) and float(d.softmax_temperature) > 0):
+    raise ConfigError(f"ddk.softmax_temperature={d.softmax_temperature!r}: must be > 0 (1: the paper).")
+  if d.signal not in ddk.SIGNALS:
+    raise ConfigError(f"ddk.signal={d.signal!r}: must be one of {', '.join(ddk.SIGNALS)} (validation: the paper; "
+                      "train: the training batches' losses).")
+  if not 0.0 < float(d.signal_ema) <= 1.0:
+    raise ConfigError(f"ddk.signal_ema={d.signal_ema!r}: must be in (0, 1] (1: the last interval's mean alone).")
+  if d.signal == "train" and not ddk.uses_teacher(cfg.mode):
+    raise ConfigError("ddk.signal='train' needs the teacher's loss on the training batches, and mode=cpt has no "
+                      "teacher; use ddk.signal='validation' (or a mode with a teacher).")
+  if d.signal == "train" and cfg.teacher.get("source") == "cache":
+    raise ConfigError("ddk.signal='train' needs the teacher's CE at every training target, which a top-k teacher "
+                      "cache (teacher.source='cache') does not hold; use ddk.signal='validation' or run the teacher "
+                      "online.")
+  names = _domain_names(cfg)
+  floor, cap = ddk_bound(cfg, "floor"), ddk_bound(cfg, "cap")
+  per_domain = lambda v: [v[n] for n in names] if isinstance(v, dict) else [v] * len(names)
+  problem = names and ddk.check_bounds(per_domain(floor), per_domain(cap), names)  # no domains: the data check
+  if problem:
+    key = "ddk.floor" if "floors sum" in problem else "ddk.cap" if "caps sum" in problem else "ddk.floor / ddk.cap"
+    raise ConfigError(f"{key} (floor={d.floor!r}, cap={d.cap!r}): {problem}")
 
 
 def validate_config(cfg: Any, num_devices: int) -> None:
@@ -127,8 +182,7 @@ def validate_config(cfg: Any, num_devices: int) -> None:
   if cfg.ddk.eval_batch_size % dp:
     raise ConfigError(f"ddk.eval_batch_size={cfg.ddk.eval_batch_size} is not divisible by the data-parallel "
                       f"size {dp}; use a multiple of {dp}.")
-  if float(cfg.ddk.floor) < 0 or float(cfg.ddk.floor) * max(len(cfg.data.domains), 1) > 1:
-    raise ConfigError(f"ddk.floor={cfg.ddk.floor!r}: must be >= 0 and floor * number of domains <= 1.")
+  _validate_ddk(cfg)
   prepared = str(cfg.data.get("prepared_dir") or "")
   if "://" in prepared:
     raise ConfigError(

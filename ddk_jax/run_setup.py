@@ -45,6 +45,16 @@ class LogState:
   metrics_bytes: int = 0  # length of metrics.jsonl at the checkpoint (cut back to it on resume)
   consecutive_skips: int = 0
   teacher_rows: str | None = None  # validation.rows_key the cached teacher losses were measured on
+  # The controller's train signal (ddk.signal; trainer._signal_accumulate): per-domain sums of the
+  # training batches' student CE, teacher CE and target tokens since the last DDK update (global
+  # over hosts), the step that window starts at, and the running per-domain losses of the last
+  # update (None: a domain never measured). Teacher modes keep them whatever the signal.
+  signal_start: int | None = None
+  signal_student_sum: list[float] | None = None
+  signal_teacher_sum: list[float] | None = None
+  signal_tokens: list[float] | None = None
+  signal_student_ce: list[float | None] | None = None
+  signal_teacher_ce: list[float | None] | None = None
   # With ddk.eval_max_rows > 0 the controller scores a subset; the report's numbers use the
   # whole validation split: the student at step 0 (scored once, before training) and the
   # teacher (scored once, at the end) on it.  Uncapped runs leave these None: the
@@ -239,7 +249,7 @@ def setup(cfg: ml_collections.ConfigDict, settings: Settings, workdir: str, *,
       validation.rows_key(config_dict["data"], num_processes=jax.process_count(), eval_max_rows=max_rows,
                           eval_batch_size=settings.ddk.eval_batch_size) for max_rows in (eval_rows, 0))
   controller = MixtureController(
-      names, settings.mode, alpha=settings.ddk.alpha, floor=settings.ddk.floor,
+      names, settings.mode, **settings.ddk.controller_options(),
       initial_weights=None if settings.mode == "ddk_equal_sampling" else data_lib.initial_weights(cfg.data))
 
   # ---- resume ----

@@ -18,10 +18,20 @@ from ddk_jax import config_validation, ddk
 class DDKSettings:
   interval: int  # K: steps between weight updates
   alpha: float
-  floor: float
+  floor: float | dict  # a number for every domain, or {domain: number} over all domains
   update_at_start: bool
   eval_batch_size: int  # global rows per validation batch
   eval_max_rows: int  # rows per domain the controller scores (0: all)
+  cap: float | dict = 1.0  # like floor; 1: no cap
+  discrepancy: str = "ratio"  # ratio (lS / lT, the paper) | excess (lS - lT)
+  softmax_temperature: float = 1.0
+  signal: str = "validation"  # validation (the paper) | train (the training batches of the interval)
+  signal_ema: float = 1.0  # weight of the newest interval in the running train-signal losses
+
+  def controller_options(self) -> dict:
+    """The MixtureController arguments these settings fix."""
+    return {"alpha": self.alpha, "floor": self.floor, "cap": self.cap, "discrepancy": self.discrepancy,
+            "softmax_temperature": self.softmax_temperature, "signal": self.signal, "signal_ema": self.signal_ema}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +102,12 @@ class Settings:
         global_batch_size=int(cfg.global_batch_size), seq_len=int(cfg.data.seq_len),
         grad_accum=int(cfg.optimizer.grad_accum), max_consecutive_skips=int(cfg.optimizer.max_consecutive_skips),
         cosine_schedule=cfg.optimizer.schedule == "cosine", eval_every=int(cfg.eval.every),
-        ddk=DDKSettings(interval=int(cfg.ddk.interval), alpha=float(cfg.ddk.alpha), floor=float(cfg.ddk.floor),
+        ddk=DDKSettings(interval=int(cfg.ddk.interval), alpha=float(cfg.ddk.alpha),
+                        floor=config_validation.ddk_bound(cfg, "floor"),
                         update_at_start=bool(cfg.ddk.update_at_start), eval_batch_size=int(cfg.ddk.eval_batch_size),
-                        eval_max_rows=int(cfg.ddk.eval_max_rows)),
+                        eval_max_rows=int(cfg.ddk.eval_max_rows), cap=config_validation.ddk_bound(cfg, "cap"),
+                        discrepancy=str(cfg.ddk.discrepancy), softmax_temperature=float(cfg.ddk.softmax_temperature),
+                        signal=str(cfg.ddk.signal), signal_ema=float(cfg.ddk.signal_ema)),
         loss=LossSettings(gamma=float(cfg.loss.gamma), temperature=float(cfg.loss.temperature), impl=str(cfg.loss.impl),
                           chunk_size=int(cfg.loss.chunk_size), divergence=str(cfg.loss.divergence),
                           jsd_beta=float(cfg.loss.jsd_beta), skew_alpha=float(cfg.loss.skew_alpha),

@@ -128,20 +128,29 @@ class LossSpec:
       fn = chunked_loss.chunked_kd_token_losses
     return fn(hidden, head, t_hidden, t_head, targets, mask, temperature=temperature, **self._kwargs(head))
 
-  def loss_sum(self, hidden, head, t_hidden, t_head, targets, mask, *, gamma=None, temperature=None):
+  def loss_sum(self, hidden, head, t_hidden, t_head, targets, mask, *, gamma=None, temperature=None,
+               teacher_ce=False):
     """``(sum(ce_tok) + gamma * sum(kl_tok), (ce_tok, kl_tok))``: the training form.
 
     The chunked implementation forms the gradient in the same pass as the values (4 head
     matmuls, nothing recomputed in the backward); its per-token outputs are metrics only.
+    ``teacher_ce=True`` adds the teacher's own per-token CE at the target (untempered, on the
+    vocabulary of the student's CE, as the eval step scores it) as a third per-token output.
     """
     gamma = self.gamma if gamma is None else gamma
     temperature = self.temperature if temperature is None else temperature
     if self.impl == "chunked":
       from ddk_jax import chunked_loss
+      kw = {"teacher_ce": True} if teacher_ce else {}
       return chunked_loss.chunked_kd_loss_sum(hidden, head, t_hidden, t_head, targets, mask,
-                                              temperature=temperature, gamma=gamma, **self._kwargs(head))
+                                              temperature=temperature, gamma=gamma, **self._kwargs(head), **kw)
     ce_tok, kl_tok = self.token_losses(hidden, head, t_hidden, t_head, targets, mask, temperature=temperature)
-    return jnp.sum(ce_tok) + gamma * jnp.sum(kl_tok), (ce_tok, kl_tok)
+    total = jnp.sum(ce_tok) + gamma * jnp.sum(kl_tok)
+    if not teacher_ce:
+      return total, (ce_tok, kl_tok)
+    t_ce, _ = losses.kd_token_losses(t_hidden, t_head[:, :head.shape[1]], None, None, targets, mask, temperature=1.0,
+                                     **self._kwargs(head))
+    return total, (ce_tok, kl_tok, jax.lax.stop_gradient(t_ce))
 
 
 _LEGACY_LOSS_FIELDS = {"gamma": "gamma", "temperature": "temperature", "loss_impl": "impl",
@@ -213,6 +222,9 @@ def make_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
   """
   spec = opts.loss
   use_teacher = opts.uses_teacher
+  # With the teacher's forward pass the step also reports the teacher's CE at the targets, per
+  # domain: the controller's train signal (docs/ddk.md). A cached teacher has no logits for it.
+  teacher_ce = use_teacher and not getattr(opts, "teacher_cache", False)
 
   def micro_step(params, teacher_params, mb, total_tokens, gamma, temperature):
     mask = (mb["segment_ids"] != 0)
@@ -233,32 +245,35 @@ def make_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
         hidden = model_lib.apply_hidden(p, student_cfg, mb["inputs"], mb["positions"], mb["segment_ids"])
         head = model_lib.head_weight(p, student_cfg)
       with jax.named_scope("kd_loss"):
-        total, (ce_tok, kl_tok) = spec.loss_sum(hidden, head, t_hidden, t_head, mb["targets"], mask, gamma=gamma,
-                                                temperature=temperature)
-      return total / total_tokens, (ce_tok, kl_tok)
+        total, (ce_tok, kl_tok, *t_ce_tok) = spec.loss_sum(hidden, head, t_hidden, t_head, mb["targets"], mask,
+                                                           gamma=gamma, temperature=temperature, teacher_ce=teacher_ce)
+      return total / total_tokens, (ce_tok, kl_tok, *t_ce_tok)
 
-    (loss, (ce_tok, kl_tok)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (loss, (ce_tok, kl_tok, *t_ce_tok)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     ce_dom, count_dom = losses.per_domain_sums(ce_tok, mask, mb["domain_id"], opts.num_domains)
     kl_dom, _ = losses.per_domain_sums(kl_tok, mask, mb["domain_id"], opts.num_domains)
-    return grads, loss, ce_dom, kl_dom, count_dom
+    t_ce_dom = losses.per_domain_sums(t_ce_tok[0], mask, mb["domain_id"], opts.num_domains)[0] if teacher_ce else ()
+    return grads, loss, ce_dom, kl_dom, count_dom, t_ce_dom
 
   def step(state, teacher_params, batch):
     params = state["params"]
     total_tokens = jnp.maximum(jnp.sum(batch["segment_ids"] != 0), 1).astype(jnp.float32)
     gamma, temperature = spec.hyper(state["step"])
     if opts.grad_accum == 1:
-      grads, loss, ce_dom, kl_dom, count_dom = micro_step(params, teacher_params, batch, total_tokens, gamma,
-                                                          temperature)
+      grads, loss, ce_dom, kl_dom, count_dom, t_ce_dom = micro_step(params, teacher_params, batch, total_tokens,
+                                                                    gamma, temperature)
     else:
       def body(carry, mb):
-        g_acc, l_acc, ce_acc, kl_acc, n_acc = carry
-        g, l, ce, kl, n = micro_step(params, teacher_params, mb, total_tokens, gamma, temperature)
-        return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, ce_acc + ce, kl_acc + kl, n_acc + n), None
+        g_acc, l_acc, ce_acc, kl_acc, n_acc, t_acc = carry
+        g, l, ce, kl, n, t_ce = micro_step(params, teacher_params, mb, total_tokens, gamma, temperature)
+        return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, ce_acc + ce, kl_acc + kl, n_acc + n,
+                jax.tree.map(jnp.add, t_acc, t_ce)), None
 
       zeros_d = jnp.zeros((opts.num_domains,), jnp.float32)
       init = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.zeros((), jnp.float32),
-              zeros_d, zeros_d, zeros_d)
-      (grads, loss, ce_dom, kl_dom, count_dom), _ = jax.lax.scan(body, init, _micro_batches(batch, opts.grad_accum))
+              zeros_d, zeros_d, zeros_d, zeros_d if teacher_ce else ())
+      (grads, loss, ce_dom, kl_dom, count_dom, t_ce_dom), _ = jax.lax.scan(body, init,
+                                                                           _micro_batches(batch, opts.grad_accum))
       grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
     with jax.named_scope("optimizer"):
@@ -287,6 +302,8 @@ def make_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
         "gamma": jnp.asarray(gamma, jnp.float32),
         "temperature": jnp.asarray(temperature, jnp.float32),
     }
+    if teacher_ce:
+      metrics["domain_teacher_ce_sum"] = t_ce_dom  # the teacher's CE on the batch's targets, per domain
     return new_state, metrics
 
   return step

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddk_jax import bootstrap, reporting, run_setup, validation
+from ddk_jax import bootstrap, ddk as ddk_lib, reporting, run_setup, validation
 from ddk_jax.errors import NonFiniteError, TrainingError  # noqa: F401  (part of this module's API)
 from ddk_jax.preemption import Preemption
 from ddk_jax.run_setup import Run, RunState
@@ -56,7 +56,7 @@ def _loop(run: Run, st: RunState, preemption: Preemption) -> dict:
   s = run.settings
   try:
     _score_teacher(run, st)
-    if st.step == 0 and st.log.initial_student_losses is None and not s.ddk.update_at_start:
+    if st.step == 0 and st.log.initial_student_losses is None and not _update_at_start(s):
       st.log.initial_student_losses = _score_student(run, st, 0).tolist()  # the report's "before"
     if st.step == 0 and run.capped and st.log.whole_initial_student_losses is None:
       # The controller scores a subset: the report's "before" is measured on the whole split, once.
@@ -73,7 +73,7 @@ def _loop(run: Run, st: RunState, preemption: Preemption) -> dict:
       if len(st.pending) > 1 or st.step == s.steps:
         _drain(run, st)  # reads the previous step's metrics: the host never stalls the device
       st.log.train_seconds += time.time() - t
-      if s.eval_every and st.step % s.eval_every == 0 and st.step % s.ddk.interval:
+      if s.eval_every and st.step % s.eval_every == 0 and (st.step % s.ddk.interval or s.ddk.signal == "train"):
         _score_student(run, st, st.step)
       if st.step % s.checkpoint.every == 0 and st.step < s.steps:
         _periodic_save(run, st)
@@ -122,22 +122,115 @@ def _score_teacher(run: Run, st: RunState) -> None:
   _log.info("teacher validation CE: %s", dict(zip(run.names, np.round(lt, 4).tolist())))
 
 
+def _update_at_start(s) -> bool:
+  """Whether the controller updates at step 0: with the validation signal, unless switched off;
+  the train signal has nothing to measure before the first training step."""
+  return s.ddk.update_at_start and s.ddk.signal == "validation"
+
+
 def _ddk_update_due(run: Run, st: RunState) -> bool:
   ddk = run.settings.ddk
   history = run.controller.history
-  return (st.step % ddk.interval == 0 and (st.step > 0 or ddk.update_at_start)
+  return (st.step % ddk.interval == 0 and (st.step > 0 or _update_at_start(run.settings))
           and (not history or history[-1]["step"] < st.step))
 
 
 def _ddk_update(run: Run, st: RunState) -> None:
-  losses = _score_student(run, st, st.step, for_controller=True)
-  if st.log.initial_student_losses is None:
-    st.log.initial_student_losses = [float(x) for x in losses]
-  weights = run.controller.update(st.step, losses)
+  teacher = None
+  if run.settings.ddk.signal == "train":
+    signal = _train_signal(run, st)
+    if signal is None:
+      return
+    losses, teacher = signal
+  else:
+    losses = _score_student(run, st, st.step, for_controller=True)
+    if st.log.initial_student_losses is None:
+      st.log.initial_student_losses = [float(x) for x in losses]
+  weights = run.controller.update(st.step, losses, teacher_losses=teacher)
+  _signal_reset(run, st, st.step)
   run.data_iter.set_weights(weights.tolist())
   run.writer.write(st.step, {f"weights/{n}": float(w) for n, w in zip(run.names, weights)}, kind="weights")
   if run.is_main:
     _log.info("DDK update at step %d\n%s", st.step, reporting.controller_table(run.controller))
+
+
+# ---- the train signal (ddk.signal, docs/ddk.md) -----------------------------------------------
+#
+# Every drained train step adds its per-domain (student CE, teacher CE, token) sums, global over
+# hosts, to a window that each DDK update closes. The sums and the running losses live in
+# LogState, so a resumed run continues the same window.
+
+
+def _signal_accumulate(run: Run, st: RunState, step: int, m: dict) -> None:
+  """Adds one step's per-domain sums to the window (a non-finite step adds nothing)."""
+  if "domain_teacher_ce_sum" not in m:
+    if run.settings.ddk.signal == "train":
+      raise TrainingError("ddk.signal='train' needs the teacher's CE on the training batches, which this train "
+                          "step does not report (a teacher read from a cache); use ddk.signal='validation'.")
+    return
+  log = st.log
+  if log.signal_tokens is None:  # the first step of a run (or of a resume from a checkpoint without a window)
+    _signal_reset(run, st, step)
+  if not bool(m["finite"]):
+    return
+  add = lambda total, x: (np.asarray(total, np.float64) + np.asarray(x, np.float64)).tolist()
+  log.signal_student_sum = add(log.signal_student_sum, m["domain_ce_sum"])
+  log.signal_teacher_sum = add(log.signal_teacher_sum, m["domain_teacher_ce_sum"])
+  log.signal_tokens = add(log.signal_tokens, m["domain_count"])
+
+
+def _signal_reset(run: Run, st: RunState, step: int) -> None:
+  """Starts a new window at `step` (at every DDK update of a run with a teacher)."""
+  if not run.settings.uses_teacher:
+    return
+  zeros = [0.0] * len(run.names)
+  st.log.signal_start = step
+  st.log.signal_student_sum, st.log.signal_teacher_sum, st.log.signal_tokens = list(zeros), list(zeros), list(zeros)
+
+
+def _train_signal(run: Run, st: RunState) -> tuple[np.ndarray, np.ndarray] | None:
+  """(lS, lT) of the window for the controller (ddk_lib.window_signal), the running values kept
+  in LogState; None (no update, a warning) when the window has no tokens."""
+  _drain(run, st)
+  log, n = st.log, len(run.names)
+  if log.signal_tokens is None:
+    _signal_reset(run, st, st.step)
+  running = lambda v: np.full(n, np.nan) if v is None else np.array([np.nan if x is None else x for x in v])
+  ls, lt, run_s, run_t, measured = ddk_lib.window_signal(
+      log.signal_student_sum, log.signal_teacher_sum, log.signal_tokens, running(log.signal_student_ce),
+      running(log.signal_teacher_ce), ema=run.settings.ddk.signal_ema)
+  as_list = lambda a: [None if np.isnan(x) else float(x) for x in a]
+  log.signal_student_ce, log.signal_teacher_ce = as_list(run_s), as_list(run_t)
+  if ls is None:
+    _log.warning("DDK update at step %d skipped: no finite training step since the last update, so the train "
+                 "signal has no tokens; the weights stay as they are.", st.step)
+    return None
+  if not measured.all():
+    _log.info("train signal at step %d: %s had no training rows yet and count as an average domain", st.step,
+              [d for d, ok in zip(run.names, measured) if not ok])
+  return ls, lt
+
+
+def _log_signal(run: Run, st: RunState, step: int, losses: np.ndarray) -> None:
+  """A metrics row of kind "signal" at a validation during training: the training batches'
+  per-domain mean CEs since the last update next to the validation CEs of the same moment."""
+  log, history = st.log, run.controller.history
+  if log.signal_tokens is None or step >= run.settings.steps or not any(log.signal_tokens):
+    return
+  if log.signal_start != (history[-1]["step"] if history else 0):
+    return  # the window began before the checkpoint this run resumed from kept one
+  teacher = run.controller.teacher_losses
+  row = {}
+  for i, n in enumerate(run.names):
+    tokens = log.signal_tokens[i]
+    if tokens:
+      row[f"train_signal/{n}/student_ce"] = log.signal_student_sum[i] / tokens
+      row[f"train_signal/{n}/teacher_ce"] = log.signal_teacher_sum[i] / tokens
+    row[f"train_signal/{n}/tokens"] = tokens
+    row[f"val_signal/{n}/student_ce"] = float(losses[i])
+    if teacher is not None:
+      row[f"val_signal/{n}/teacher_ce"] = float(teacher[i])
+  run.writer.write(step, row, kind="signal")
 
 
 # ---- evaluation, metrics, checkpoints ------------------------------------------------------
@@ -159,6 +252,7 @@ def _score_student(run: Run, st: RunState, step: int, *, for_controller: bool = 
   _log.info("student validation at step %d: %d batches in %.1f s", step, _eval_batches(run), seconds)
   run.writer.write(step, {f"val/{n}/ce": float(v) for n, v in zip(run.names, losses)}
                    | {f"val/{n}/ppl": float(np.exp(v)) for n, v in zip(run.names, losses)}, kind="eval")
+  _log_signal(run, st, step, losses)
   return losses
 
 
@@ -187,6 +281,7 @@ def _drain(run: Run, st: RunState) -> None:
   while st.pending:
     step, m, rows = st.pending.pop(0)
     m = jax.device_get(m)
+    _signal_accumulate(run, st, step, m)
     st.window_tokens += float(m["tokens"])
     st.window_rows += rows
     if bool(m["finite"]):

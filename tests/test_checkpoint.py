@@ -176,8 +176,10 @@ def test_resume_accepts_cadence_and_length_changes(env):
   ref_rows = tiny_run.comparable_metrics(env["ref"])
   assert rows[:len(ref_rows)] == ref_rows  # the first 8 steps are untouched
   new = rows[len(ref_rows):]
-  # DDK update at 9 (K=3), a train row every 2 steps now, the final eval at 10.
-  assert [(r["kind"], r["step"]) for r in new] == [("eval", 9), ("weights", 9), ("train", 10), ("eval", 10)]
+  # DDK update at 9 (K=3) with the training-batch means beside its validation, a train row every
+  # 2 steps now, the final eval at 10.
+  assert [(r["kind"], r["step"]) for r in new] == [("eval", 9), ("signal", 9), ("weights", 9), ("train", 10),
+                                                   ("eval", 10)]
   assert tiny_run.committed_steps(workdir) == [8, 9, 10]  # keep=3 now (older steps dropped); every 3
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from ddk_jax.controller import MixtureController
-from ddk_jax.ddk import MODES, apply_floor
+from ddk_jax.ddk import MODES, apply_bounds, apply_floor
 from ddk_jax.reporting import controller_table, format_domain_table
 from ddk_jax.validation import reduce_domain_losses
 
@@ -245,6 +245,197 @@ def test_load_state_dict_refuses_other_experiment():
     MixtureController(DOMAINS, "ddk_no_smoothing").load_state_dict(s)
   with pytest.raises(ValueError, match="alpha"):
     MixtureController(DOMAINS, "ddk", alpha=0.7).load_state_dict(s)
+
+
+# ----------------------------------------------------------------------------
+# variants: discrepancy, softmax temperature, floor and cap (docs/ddk.md, "Variants")
+# ----------------------------------------------------------------------------
+
+
+def test_excess_discrepancy_matches_hand_computation():
+  c = _ddk(discrepancy="excess")
+  x1 = np.array([3.0 - 2.0, 1.5 - 1.0, 3.0 - 2.5])  # lS - lT = 1.0, 0.5, 0.5
+  e1 = np.exp(x1)
+  want1 = 0.5 * e1 / e1.sum() + 0.5 / 3
+  got1 = c.update(0, [3.0, 1.5, 3.0])
+  np.testing.assert_allclose(got1, want1, rtol=0, atol=1e-15)
+  np.testing.assert_allclose(got1, [0.392598, 0.303701, 0.303701], atol=5e-7)
+  x2 = np.array([2.2 - 2.0, 1.5 - 1.0, 3.5 - 2.5])  # 0.2, 0.5, 1.0
+  psi = want1 * np.exp(x2)
+  want2 = 0.5 * psi / psi.sum() + 0.5 / 3
+  got2 = c.update(1000, [2.2, 1.5, 3.5])
+  np.testing.assert_allclose(got2, want2, rtol=0, atol=1e-15)
+  np.testing.assert_allclose(got2, [0.2994402, 0.3053096, 0.3952502], atol=5e-7)
+  # the ratio stays lS / lT in the history; the x used is recorded beside it
+  h = c.history[1]
+  assert h["ratio"] == pytest.approx({"web": 1.1, "code": 1.5, "wiki": 1.4}, abs=1e-15)
+  assert h["discrepancy"] == pytest.approx(dict(zip(DOMAINS, x2)), abs=1e-15)
+  assert "discrepancy" not in _ddk().state_dict()["history"]  # the paper's ratio: history as before
+  # excess without smoothing: softmax(lS - lT)
+  c = _ddk("ddk_no_smoothing", discrepancy="excess")
+  np.testing.assert_allclose(c.update(0, [3.0, 1.5, 3.0]), e1 / e1.sum(), rtol=0, atol=1e-15)
+
+
+def test_excess_and_ratio_rank_a_low_loss_domain_differently():
+  # The same gap of 0.5 nats on an easy domain (lT = 1) and a hard one (lT = 4): the ratio
+  # favours the easy domain (1.5 vs 1.125), the excess treats them alike.
+  lt, ls = [1.0, 4.0], [1.5, 4.5]
+  ratio = MixtureController(["easy", "hard"], "ddk_no_smoothing")
+  ratio.set_teacher_losses(lt)
+  excess = MixtureController(["easy", "hard"], "ddk_no_smoothing", discrepancy="excess")
+  excess.set_teacher_losses(lt)
+  w_ratio, w_excess = ratio.update(0, ls), excess.update(0, ls)
+  assert w_ratio[0] > w_ratio[1]
+  np.testing.assert_allclose(w_ratio, np.exp([1.5, 1.125]) / np.exp([1.5, 1.125]).sum(), rtol=0, atol=1e-15)
+  np.testing.assert_array_equal(w_excess, [0.5, 0.5])
+
+
+def test_softmax_temperature_matches_hand_computation():
+  tau = 0.5
+  x = np.array([3.0, 1.5, 3.0]) / LT  # 1.5, 1.5, 1.2
+  e = np.exp(x / tau)
+  c = _ddk("ddk_no_smoothing", softmax_temperature=tau)
+  got = c.update(0, [3.0, 1.5, 3.0])
+  np.testing.assert_allclose(got, e / e.sum(), rtol=0, atol=1e-15)
+  np.testing.assert_allclose(got, [0.3923397, 0.3923397, 0.2153206], atol=5e-7)
+  # smoothing: psi = r_prev * exp(x / tau)
+  c = _ddk(softmax_temperature=2.0)
+  w1 = c.update(0, [3.0, 1.5, 3.0])
+  e1 = np.exp(x / 2.0)
+  np.testing.assert_allclose(w1, 0.5 * e1 / e1.sum() + 0.5 / 3, rtol=0, atol=1e-15)
+  x2 = np.array([1.1, 1.5, 1.4])
+  psi = w1 * np.exp(x2 / 2.0)
+  np.testing.assert_allclose(c.update(1000, [2.2, 1.5, 3.5]), 0.5 * psi / psi.sum() + 0.5 / 3, rtol=0, atol=1e-15)
+  # a higher temperature flattens, a lower one sharpens
+  flat, sharp = _ddk("ddk_no_smoothing", softmax_temperature=10.0), _ddk("ddk_no_smoothing", softmax_temperature=0.1)
+  wf, ws = flat.update(0, [3.0, 1.5, 3.0]), sharp.update(0, [3.0, 1.5, 3.0])
+  assert np.ptp(wf) < np.ptp(got) < np.ptp(ws)
+
+
+def test_cap_matches_hand_computation():
+  # the docs' step-0 weights [0.349094, 0.349094, 0.301812] with web capped at 0.3: web sits
+  # at its cap and the freed mass goes to code and wiki in proportion
+  c = _ddk(cap={"web": 0.3, "code": 1.0, "wiki": 1.0})
+  x = np.array([1.5, 1.5, 1.2])
+  r = 0.5 * np.exp(x) / np.exp(x).sum() + 0.5 / 3
+  scale = (1 - 0.3) / (r[1] + r[2])
+  got = c.update(0, [3.0, 1.5, 3.0])
+  np.testing.assert_allclose(got, [0.3, r[1] * scale, r[2] * scale], rtol=0, atol=1e-15)
+  np.testing.assert_allclose(got, [0.3, 0.375424, 0.324576], atol=5e-7)
+  # the next update smooths against the capped weights that were sampled
+  x2 = np.array([1.1, 1.5, 1.4])
+  psi = got * np.exp(x2)
+  r2 = 0.5 * psi / psi.sum() + 0.5 / 3
+  assert r2[0] <= 0.3  # not capped this time: the raw update stands
+  np.testing.assert_allclose(c.update(1000, [2.2, 1.5, 3.5]), r2, rtol=0, atol=1e-15)
+  # the cap applies to the initial (static) weights too
+  kd = MixtureController(DOMAINS, "kd", cap=0.5, initial_weights=[0.8, 0.1, 0.1])
+  np.testing.assert_allclose(kd.weights, [0.5, 0.25, 0.25], atol=1e-15)
+
+
+def test_apply_bounds_hand_examples():
+  # web over its cap, wiki under its floor, code takes the rest
+  np.testing.assert_allclose(apply_bounds([0.6, 0.3, 0.1], np.full(3, 0.15), np.full(3, 0.5)), [0.5, 0.35, 0.15],
+                             atol=1e-15)
+  # without a binding cap it is apply_floor exactly
+  r = np.array([0.9, 0.08, 0.02])
+  np.testing.assert_array_equal(apply_bounds(r, np.full(3, 0.1), np.ones(3)), apply_floor(r, np.full(3, 0.1)))
+  np.testing.assert_array_equal(apply_bounds(r, np.full(3, 0.1), None), apply_floor(r, np.full(3, 0.1)))
+  # zero-weight domains share what the caps of the others leave, in proportion to their room
+  np.testing.assert_allclose(apply_bounds([1.0, 0.0, 0.0], np.zeros(3), np.array([0.5, 0.5, 0.25])),
+                             [0.5, 1 / 3, 1 / 6], atol=1e-15)
+  # floors and caps that meet pin the weights
+  np.testing.assert_allclose(apply_bounds([0.2, 0.3, 0.5], np.array([0.5, 0.0, 0.0]), np.array([0.5, 1.0, 1.0])),
+                             [0.5, 0.5 * 0.3 / 0.8, 0.5 * 0.5 / 0.8], atol=1e-15)
+
+
+def test_apply_bounds_properties():
+  rng = np.random.default_rng(17)
+  for _ in range(300):
+    n = int(rng.integers(2, 9))
+    r = rng.dirichlet(np.full(n, 0.3))
+    if rng.random() < 0.2:
+      r[rng.integers(0, n)] = 0.0
+      r /= r.sum()
+    floor = rng.uniform(0, 1.0 / n, size=n) * rng.integers(0, 2, size=n)
+    cap = np.minimum(1.0, floor + rng.uniform(0.0, 2.0 / n, size=n))
+    if cap.sum() < 1:
+      cap = np.minimum(1.0, cap + (1 - cap.sum()) / n + 1e-3)
+    assert floor.sum() <= 1 <= cap.sum() and np.all(floor <= cap)
+    out = apply_bounds(r, floor, cap)
+    assert abs(out.sum() - 1) < 1e-12
+    assert np.all(out >= floor - 1e-12) and np.all(out <= cap + 1e-12)
+    # the domains strictly inside their bounds keep their proportions (one common scale)
+    free = (out > floor + 1e-12) & (out < cap - 1e-12) & (r > 0)
+    if free.sum() >= 2:
+      scale = out[free] / r[free]
+      np.testing.assert_allclose(scale, scale[0], rtol=1e-9)
+      # ... and the bound domains are where the scaled weight would cross their bound
+      at_cap, at_floor = (out >= cap - 1e-12) & (r > 0), (out <= floor + 1e-12) & (r > 0)
+      assert np.all(scale[0] * r[at_cap & ~free] >= cap[at_cap & ~free] - 1e-9)
+      assert np.all(scale[0] * r[at_floor & ~free] <= floor[at_floor & ~free] + 1e-9)
+    # projecting again changes nothing; a feasible r is left alone
+    np.testing.assert_allclose(apply_bounds(out, floor, cap), out, rtol=0, atol=1e-12)
+    inside = np.clip(r, floor, cap)
+    if abs(inside.sum() - 1) < 1e-15 and np.array_equal(inside, r):
+      np.testing.assert_array_equal(apply_bounds(r, floor, cap), r)
+    # order is kept between domains with the same bounds
+    same = np.full(n, floor.max()), np.full(n, max(cap.min(), 1.0 / n))
+    w = apply_bounds(r, *same)
+    assert np.all(np.diff(w[np.argsort(r, kind="stable")]) >= -1e-12)
+
+
+def test_floor_and_cap_feasibility_errors_name_the_domains():
+  with pytest.raises(ValueError, match=r"the caps sum to 0\.6 < 1"):
+    MixtureController(DOMAINS, "ddk", cap=0.2)
+  with pytest.raises(ValueError, match=r"wiki \(floor 0\.3 > cap 0\.2\)"):
+    MixtureController(DOMAINS, "ddk", floor={"web": 0, "code": 0, "wiki": 0.3},
+                      cap={"web": 1, "code": 1, "wiki": 0.2})
+  with pytest.raises(ValueError, match="cap for domain 'code'"):
+    MixtureController(DOMAINS, "ddk", cap={"web": 1, "code": 1.5, "wiki": 1})
+  with pytest.raises(ValueError, match="discrepancy"):
+    MixtureController(DOMAINS, "ddk", discrepancy="difference")
+  with pytest.raises(ValueError, match="softmax_temperature"):
+    MixtureController(DOMAINS, "ddk", softmax_temperature=0.0)
+  with pytest.raises(ValueError, match="signal"):
+    MixtureController(DOMAINS, "ddk", signal="training")
+  with pytest.raises(ValueError, match="signal_ema"):
+    MixtureController(DOMAINS, "ddk", signal_ema=0.0)
+
+
+VARIANT = {"discrepancy": "excess", "softmax_temperature": 0.5, "cap": 0.6, "floor": {"web": 0.1, "code": 0.0,
+           "wiki": 0.1}, "signal": "train", "signal_ema": 0.5}
+
+
+def test_state_dict_records_the_variant_and_refuses_another():
+  a = _ddk(**VARIANT)
+  a.update(0, [3.0, 1.5, 3.0], teacher_losses=[2.0, 1.2, 2.5])
+  state = json.loads(json.dumps(a.state_dict(), allow_nan=False))
+  assert (state["discrepancy"], state["softmax_temperature"], state["cap"], state["signal"], state["signal_ema"]) == (
+      "excess", 0.5, [0.6] * 3, "train", 0.5)
+  b = MixtureController(DOMAINS, "ddk", **VARIANT)
+  b.load_state_dict(state)
+  lS, lT = [2.2, 1.5, 3.5], [2.0, 1.1, 2.5]
+  np.testing.assert_array_equal(a.update(10, lS, teacher_losses=lT), b.update(10, lS, teacher_losses=lT))
+  for key, other in (("discrepancy", "ratio"), ("softmax_temperature", 1.0), ("cap", 1.0), ("signal", "validation"),
+                     ("signal_ema", 1.0), ("floor", 0.1)):
+    with pytest.raises(ValueError, match=key):
+      MixtureController(DOMAINS, "ddk", **{**VARIANT, key: other}).load_state_dict(state)
+
+
+def test_a_state_from_before_the_variants_loads_as_the_defaults():
+  a = _ddk(alpha=0.3)
+  a.update(0, [3.0, 1.5, 3.0])
+  old = a.state_dict()
+  for key in ("cap", "discrepancy", "softmax_temperature", "signal", "signal_ema"):
+    del old[key]
+  b = MixtureController(DOMAINS, "ddk", alpha=0.3)
+  b.load_state_dict(old)
+  assert b.state_dict() == a.state_dict()
+  np.testing.assert_array_equal(a.update(5, [2.0, 1.0, 3.0]), b.update(5, [2.0, 1.0, 3.0]))
+  for key, value in (("discrepancy", "excess"), ("softmax_temperature", 2.0), ("cap", 0.5), ("signal", "train")):
+    with pytest.raises(ValueError, match=key):
+      MixtureController(DOMAINS, "ddk", alpha=0.3, **{key: value}).load_state_dict(old)
 
 
 # ----------------------------------------------------------------------------
