@@ -130,6 +130,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 0  # extra student validation every N steps (0: only at DDK updates and the end)
+  # Downstream tasks on the student (lm-eval through ddk_jax.downstream; needs the eval extra):
+  # comma-separated names ("ddk_local", "ddk_math,arc_easy", ...); "" (default): none.
+  c.eval.tasks = ""
+  c.eval.tasks_every = 0  # also every N steps (0: only at the end)
+  c.eval.tasks_limit = 0  # documents per task (0: all)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 500

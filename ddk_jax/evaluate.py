@@ -4,6 +4,7 @@ r"""Evaluate a distilled student per domain: validation CE and perplexity, next 
     python -m ddk_jax.evaluate --config=configs/demo.py --workdir=runs/demo --step=150 --max_rows=24
     python -m ddk_jax.evaluate --config=configs/tinyllama.py --hf_path=/models/tinyllama-ddk --out=eval.json \
         --config.teacher.path=/models/Llama-2-13b-hf
+    python -m ddk_jax.evaluate --config=configs/demo.py --workdir=runs/demo --tasks=ddk_local --limit=100
 
 The student is a run's checkpoint (`--workdir`, the latest committed step or `--step`) or a
 Hugging Face directory (`--hf_path`, e.g. one written by `python -m ddk_jax.export`).  It is
@@ -11,7 +12,9 @@ scored on the whole validation split of the config's data (`--max_rows=N`: the f
 per domain, as `ddk.eval_max_rows` picks them), and so is the teacher, once, when the run
 distilled from one: with `--workdir` the teacher the run used (its checkpointed config), with
 `--hf_path` the config's teacher section.  `--teacher` scores the teacher even for a `cpt`
-config, `--noteacher` skips it.
+config, `--noteacher` skips it.  `--tasks` also runs downstream tasks on the student
+(lm-evaluation-harness through `ddk_jax.downstream.run_tasks`; `--limit` documents per task,
+`--num_fewshot` examples) and adds their accuracies to the table and the JSON.
 
 Output: a table on stdout and a JSON file (default `<workdir>/eval/step_<N>.json`, or
 `step_<N>_max_rows_<M>.json` with --max_rows; `--out` is required with --hf_path).  Every
@@ -20,7 +23,8 @@ prints and writes.  See docs/evaluation.md.
 
 Exit status 2, with one line naming the problem and the fix: a bad flag, a --workdir that is
 not a ddk_jax run, a --step without a committed checkpoint, a missing --hf_path, a domain
-without validation data, an unusable teacher or output path.
+without validation data, an unusable teacher or output path, an unknown task or lm-eval not
+installed.
 
 `evaluate_checkpoint(cfg, ...)` is the same evaluation as a function returning the JSON's dict.
 """
@@ -28,6 +32,7 @@ without validation data, an unusable teacher or output path.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -180,9 +185,134 @@ def _ppl(ce: float | None) -> float | None:
   return math.exp(ce) if ce < 700 else None  # JSON has no infinity
 
 
+# ---- downstream tasks (--tasks, and eval.tasks in training) --------------------------------------
+
+# Packed rows of the downstream adapter hold at least this many tokens (the local tasks' items
+# are ~50-120 tokens with the demo's tokenizer); longer when the data's rows are longer.
+MIN_TASK_SEQ_LEN = 256
+_TASK_FLAGS = {"tasks": "--tasks", "limit": "--limit", "num_fewshot": "--num_fewshot"}
+
+
+def split_tasks(tasks: str | Sequence[str] | None) -> list[str]:
+  """Task names from a comma-separated string (or a list): blanks dropped, first occurrence kept."""
+  if not tasks:
+    return []
+  parts = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+  return list(dict.fromkeys(p.strip() for p in parts if p and p.strip()))
+
+
+def check_tasks(tasks: str | Sequence[str] | None, *, limit: int = 0, num_fewshot: int = 0,
+                flags: Mapping[str, str] | None = None) -> list[str]:
+  """The task names of `tasks`, after checking they can run: EvaluationError when lm-evaluation-harness
+  is not installed, a name is neither a local task (ddk_local, ddk_<domain>) nor one of lm-eval's
+  own tasks, or `limit` / `num_fewshot` is negative.  `flags` names the settings in messages
+  (default: the evaluate command's --tasks, --limit, --num_fewshot)."""
+  import importlib.util
+  from ddk_jax.downstream import local_tasks
+  flags = {**_TASK_FLAGS, **(flags or {})}
+  names = split_tasks(tasks)
+  if limit < 0:
+    raise EvaluationError(f"{flags['limit']}={limit}: must be >= 0 (0: every document of each task).")
+  if num_fewshot < 0:
+    raise EvaluationError(f"{flags['num_fewshot']}={num_fewshot}: must be >= 0.")
+  if not names:
+    return names
+  if importlib.util.find_spec("lm_eval") is None:
+    raise EvaluationError(f"{flags['tasks']}={','.join(names)} needs lm-evaluation-harness: pip install "
+                          "'ddk_jax[eval]' (or leave the tasks out).")
+  local = set(local_tasks.TASKS) | {local_tasks.TAG}
+  other = [n for n in names if n not in local]
+  if other:  # lm-eval's task index takes ~10 s to build: only for names that are not local, once
+    known = _lm_eval_task_names()
+    unknown = [n for n in other if n not in known]
+    if unknown:
+      import difflib
+      close = difflib.get_close_matches(unknown[0], sorted(local) + sorted(known), n=1, cutoff=0.7)
+      hint = f" (did you mean {close[0]}?)" if close else ""
+      raise EvaluationError(f"{flags['tasks']}: unknown task {unknown[0]!r}{hint}; use a local task "
+                            f"({local_tasks.TAG} or {', '.join(local_tasks.TASKS)}) or one of lm-eval's own "
+                            "(lm_eval ls tasks).")
+  return names
+
+
+@functools.lru_cache(maxsize=1)
+def _lm_eval_task_names() -> frozenset[str]:
+  root = logging.getLogger()
+  level = root.level
+  root.setLevel(logging.WARNING)  # lm-eval and datasets announce themselves at INFO
+  try:
+    from lm_eval.tasks import TaskManager
+    return frozenset(TaskManager(include_defaults=True).all_tasks)
+  finally:
+    root.setLevel(level)
+
+
+def task_seq_len(model_cfg: Any, data_seq_len: int) -> int:
+  """Tokens per packed row of the downstream adapter: the data's row length, at least
+  MIN_TASK_SEQ_LEN, at most the model's max_position_embeddings."""
+  return min(int(model_cfg.max_position_embeddings), max(MIN_TASK_SEQ_LEN, int(data_seq_len)))
+
+
+def task_adapter(params: Any, model_cfg: Any, tokenizer: Any, *, data_seq_len: int, batch_size: int, mesh,
+                 rules) -> Any:
+  """The lm-eval model (`DDKJaxLM`) over `params` on `mesh`, compiled once for rows of
+  `task_seq_len(...)` tokens, `batch_size` rows per forward; `update_params` swaps in new values."""
+  from ddk_jax.downstream import DDKJaxLM
+  return DDKJaxLM(params, model_cfg, tokenizer, seq_len=task_seq_len(model_cfg, data_seq_len),
+                  batch_size=batch_size, mesh=mesh, rules=rules)
+
+
+def run_downstream(adapter: Any, tasks: str | Sequence[str], *, limit: int = 0, num_fewshot: int = 0,
+                   corpus_dir: str | None = None) -> tuple[dict, dict]:
+  """`ddk_jax.downstream.run_tasks` on `adapter` (on every process); returns (results, settings):
+  `{task: {metric: value}}` and what was run (tasks, limit, num_fewshot, seq_len, batch_size,
+  seconds).  Local tasks come from `corpus_dir`'s validation documents (the run's demo corpus)."""
+  from ddk_jax.downstream import run_tasks
+  names = split_tasks(tasks)
+  t = time.time()
+  results = run_tasks(adapter, names, limit=limit or None, num_fewshot=num_fewshot, corpus_dir=corpus_dir or None)
+  settings = {"tasks": names, "limit": int(limit), "num_fewshot": int(num_fewshot),
+              "seq_len": adapter.forward.seq_len, "batch_size": adapter.batch_size, "seconds": time.time() - t}
+  return results, settings
+
+
+def mean_accuracy(results: Mapping[str, Mapping[str, float]]) -> float | None:
+  """The unweighted mean of the tasks' `acc` (None when no task reports one)."""
+  accs = [m["acc"] for m in results.values() if "acc" in m]
+  return float(np.mean(accs)) if accs else None
+
+
+def describe_tasks(settings: Mapping) -> str:
+  """One line: which downstream tasks ran, on how many documents, with how many examples."""
+  limit = settings["limit"]
+  docs = "every document" if not limit else f"at most {limit} documents"
+  return (f"downstream tasks {', '.join(settings['tasks'])}: {docs} per task, {settings['num_fewshot']}-shot, "
+          f"{settings['seconds']:.1f} s")
+
+
+def format_tasks_table(results: Mapping[str, Mapping[str, float]]) -> str:
+  """Downstream results as a text table: task, acc, its stderr, acc_norm, documents; a mean line."""
+  def num(x, fmt):
+    return "-" if x is None else format(x, fmt)
+
+  headers = ["task", "acc", "+-stderr", "acc_norm", "documents"]
+  body = [[task, num(m.get("acc"), ".4f"), num(m.get("acc_stderr"), ".4f"), num(m.get("acc_norm"), ".4f"),
+           num(m.get("num_samples"), ".0f")] for task, m in results.items()]
+  norms = [m["acc_norm"] for m in results.values() if "acc_norm" in m]
+  mean = ["mean", num(mean_accuracy(results), ".4f"), "", num(float(np.mean(norms)) if norms else None, ".4f"), ""]
+  widths = [max(len(h), len(mean[k]), *(len(row[k]) for row in body)) for k, h in enumerate(headers)]
+
+  def line(cells):
+    return "  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(cells, widths)))
+
+  rule = "  ".join("-" * w for w in widths)
+  return "\n".join([line(headers), rule] + [line(r) for r in body] + [rule, line(mean)])
+
+
 def evaluate_checkpoint(cfg: Any, *, workdir: str | None = None, step: int | None = None,
                         hf_path: str | None = None, max_rows: int = 0, teacher: bool | None = None,
-                        progress: bool | None = None) -> dict:
+                        progress: bool | None = None, tasks: str | Sequence[str] | None = None, limit: int = 0,
+                        num_fewshot: int = 0) -> dict:
   """Scores a student (a run's checkpoint, or an HF directory) and its teacher per domain.
 
   Args:
@@ -200,6 +330,10 @@ def evaluate_checkpoint(cfg: Any, *, workdir: str | None = None, step: int | Non
     teacher: score the teacher too; None: when the run (or the config, with `hf_path`)
       distils from one (mode is not cpt).
     progress: progress bars while reading an HF checkpoint (None: on a terminal).
+    tasks, limit, num_fewshot: downstream tasks to run on the student as well (names or a
+      comma-separated string; `check_tasks` says which), at most `limit` documents per task
+      (0: all), with `num_fewshot` examples; the result then has `downstream` (`{task:
+      {metric: value}}`) and `downstream_settings`.
 
   Returns the JSON-ready result (see docs/evaluation.md); identical on every process.
   Raises EvaluationError (and the ValueErrors of the data config, HF checkpoints, ...) for
@@ -213,6 +347,7 @@ def evaluate_checkpoint(cfg: Any, *, workdir: str | None = None, step: int | Non
 
   started = time.time()
   check_arguments(workdir=workdir, step=step, hf_path=hf_path, max_rows=max_rows)
+  task_names = check_tasks(tasks, limit=limit, num_fewshot=num_fewshot)
   cfg = copy.deepcopy(cfg)
 
   # ---- the student's source, the teacher's, the data: cheap checks first ----
@@ -274,6 +409,15 @@ def evaluate_checkpoint(cfg: Any, *, workdir: str | None = None, step: int | Non
   eval_student = ts.jit_eval_step(ts.make_eval_step(student_cfg, opts), ts.params_shardings(student_cfg, mesh, rules),
                                   mesh, rules)
   ls, counts, student_seconds = score(eval_student, params, batches, mesh, rules, names, who="student", rows=rows)
+  downstream = downstream_settings = None
+  if task_names:
+    adapter = task_adapter(params, student_cfg, tokenizer, data_seq_len=int(cfg.data.seq_len),
+                           batch_size=int(cfg.ddk.eval_batch_size), mesh=mesh, rules=rules)
+    downstream, downstream_settings = run_downstream(adapter, task_names, limit=limit, num_fewshot=num_fewshot,
+                                                     corpus_dir=cfg.data.get("demo_corpus_dir"))
+    del adapter
+    _log.info("downstream tasks: %s (%.1f s)", ", ".join(
+        f"{t} acc {m['acc']:.4f}" for t, m in downstream.items() if "acc" in m), downstream_settings["seconds"])
   del params
 
   # ---- the teacher, on the student's vocabulary (as the KD term and the trainer score it) ----
@@ -303,7 +447,7 @@ def evaluate_checkpoint(cfg: Any, *, workdir: str | None = None, step: int | Non
   mean = {"student_ce": float(np.mean(ls)), "student_ppl": float(np.mean([math.exp(min(x, 700)) for x in ls]))}
   if lt is not None:
     mean |= {"teacher_ce": float(np.mean(lt)), "teacher_ppl": float(np.mean([math.exp(min(x, 700)) for x in lt]))}
-  return {
+  result = {
       "format_version": FORMAT_VERSION,
       "student": student_info,
       "teacher": teacher_info,
@@ -315,6 +459,11 @@ def evaluate_checkpoint(cfg: Any, *, workdir: str | None = None, step: int | Non
       "seconds": {"load": load_seconds, "student": student_seconds, "teacher": teacher_seconds,
                   "total": time.time() - started},
   }
+  if downstream is not None:
+    result["downstream"] = downstream
+    result["downstream_settings"] = downstream_settings
+    result["seconds"]["downstream"] = downstream_settings["seconds"]
+  return result
 
 
 # ---- output ------------------------------------------------------------------------------------
@@ -385,6 +534,12 @@ def _define_flags() -> dict:
                                  "step_<N>_max_rows_<M>.json; required with --hf_path)."),
       "teacher": flags.DEFINE_bool("teacher", None, "Score the teacher too (default: when the run, or the config "
                                    "with --hf_path, distils from one, i.e. mode is not cpt); --noteacher skips it."),
+      "tasks": flags.DEFINE_string("tasks", None, "Downstream tasks to run on the student too, comma-separated: "
+                                   "ddk_local (the demo's local tasks), ddk_<domain>, or lm-eval's own tasks whose "
+                                   "data is on this machine (docs/downstream.md). Needs pip install "
+                                   "'ddk_jax[eval]'."),
+      "limit": flags.DEFINE_integer("limit", 0, "With --tasks: at most this many documents per task (0: all)."),
+      "num_fewshot": flags.DEFINE_integer("num_fewshot", 0, "With --tasks: few-shot examples before each question."),
   }
 
 
@@ -399,9 +554,15 @@ def _main(argv, f: dict) -> None:
                          "to score (keys: docs/config.md).")
   workdir, hf_path, step, out = f["workdir"].value, f["hf_path"].value, f["step"].value, f["out"].value
   max_rows = f["max_rows"].value
+  tasks, limit, num_fewshot = f["tasks"].value, f["limit"].value, f["num_fewshot"].value
   from ddk_jax import storage
   try:  # what can be checked before JAX starts, on every process
     check_arguments(workdir=workdir, step=step, hf_path=hf_path, max_rows=max_rows)
+    if not split_tasks(tasks) and (limit or num_fewshot):
+      given = "--limit" if limit else "--num_fewshot"
+      raise EvaluationError(f"{given} applies to downstream tasks; pass --tasks=... (e.g. --tasks=ddk_local) or "
+                            f"leave {given} out.")
+    tasks = check_tasks(tasks, limit=limit, num_fewshot=num_fewshot)
     if hf_path is not None and not out:
       raise EvaluationError("--out=FILE.json is required with --hf_path (with --workdir it defaults to "
                             "<workdir>/eval/step_<N>.json).")
@@ -422,7 +583,7 @@ def _main(argv, f: dict) -> None:
   _enable_compilation_cache(cfg.compilation_cache_dir)
   try:
     result = evaluate_checkpoint(cfg, workdir=workdir, step=step, hf_path=hf_path, max_rows=max_rows,
-                                 teacher=f["teacher"].value)
+                                 teacher=f["teacher"].value, tasks=tasks, limit=limit, num_fewshot=num_fewshot)
     result["config_file"] = os.path.abspath(flags.FLAGS["config"].config_filename)
     if jax.process_index() == 0:
       write_result(result, out)
@@ -432,6 +593,10 @@ def _main(argv, f: dict) -> None:
   if jax.process_index() == 0:
     print(describe(result))
     print(format_table(result))
+    if "downstream" in result:
+      print()
+      print(describe_tasks(result["downstream_settings"]))
+      print(format_tasks_table(result["downstream"]))
     print(f"wrote {out} ({result['seconds']['total']:.1f} s)")
 
 

@@ -258,6 +258,39 @@ def domain_table(names, before, after, teacher) -> str:
   return "\n".join(lines)
 
 
+def downstream_table(results: dict) -> str:
+  """Downstream results ({task: {metric: value}}) as a markdown table: acc +- stderr, acc_norm,
+  documents, and the mean accuracy over the tasks."""
+  def num(m, key, fmt=".4f"):
+    return format(m[key], fmt) if key in m else "-"
+
+  lines = ["| task | acc | acc_norm | documents |", "|---|---:|---:|---:|"]
+  for task, m in results.items():
+    acc = num(m, "acc") + (f" ± {m['acc_stderr']:.4f}" if "acc_stderr" in m else "")
+    lines.append(f"| {task} | {acc} | {num(m, 'acc_norm')} | {num(m, 'num_samples', '.0f')} |")
+  accs = [m["acc"] for m in results.values() if "acc" in m]
+  norms = [m["acc_norm"] for m in results.values() if "acc_norm" in m]
+  if len(results) > 1 and accs:
+    norm = f"{np.mean(norms):.4f}" if norms else "-"
+    lines.append(f"| **mean** | {np.mean(accs):.4f} | {norm} | |")
+  return "\n".join(lines)
+
+
+def downstream_section(summary: dict) -> list[str]:
+  """The report's lines on the downstream tasks (eval.tasks), or none."""
+  results, settings = summary.get("downstream"), summary.get("downstream_settings") or {}
+  if not results:
+    return []
+  limit = settings.get("limit") or 0
+  docs = "every document" if not limit else f"at most {limit} documents"
+  return ["## Downstream tasks", "",
+          f"The student at step {settings.get('step')}: {docs} per task, {settings.get('num_fewshot', 0)}-shot "
+          f"(eval.tasks; all task evaluations of the run took {settings.get('seconds', 0.0):.1f} s). acc is the "
+          "share of items where the right choice has the highest log-likelihood (± its standard error); acc_norm "
+          "divides each choice's log-likelihood by its length in bytes.", "",
+          downstream_table(results), ""]
+
+
 def _rows_text(per_domain: dict) -> str:
   return ", ".join(f"{n} {k}" for n, k in per_domain.items())
 
@@ -310,6 +343,7 @@ def write_report(workdir: str, summary: dict, history: list[dict], settings: Any
       "",
       "Final sampling weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, summary["weights"])),
       "",
+      *downstream_section(summary),
   ]
   for p in plots:
     text += [f"![{p}]({p})", ""]

@@ -62,6 +62,7 @@ class LogState:
   whole_initial_student_losses: list[float] | None = None
   whole_teacher_losses: list[float] | None = None
   whole_teacher_rows: str | None = None  # validation.rows_key of the whole split they were measured on
+  downstream: dict | None = None  # the last eval.tasks results: {"step", "tasks", "limit", "results", "seconds"}
 
   @classmethod
   def from_dict(cls, d: dict) -> LogState:
@@ -104,6 +105,7 @@ class Run:
   runtime: dict
   flops_per_token: float
   peak_flops: float  # all devices
+  task_lm: Any = None  # the downstream adapter (eval.tasks), built at its first use
 
   @property
   def capped(self) -> bool:

@@ -7,7 +7,8 @@ Order of one run: validate the config (`Settings`), pre-train any model the conf
 the teacher's per-domain validation CE once (cached in checkpoints); every K steps (and at
 step 0) the student's, a DDK update and new mixture weights; one train step per batch;
 metrics, periodic evaluation and checkpoints; finally an evaluation on the whole validation
-split, a last checkpoint, plots and report.md.
+split, downstream tasks when `eval.tasks` names some (also every `eval.tasks_every` steps), a
+last checkpoint, plots and report.md.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
   are kept).
   """
   settings = Settings.from_config(cfg, jax.device_count())  # before any work is done
+  check_task_config(cfg)
   cfg, status = bootstrap.prepare_models(cfg, workdir)
   if status == "preempted":
     return {"status": "preempted"}
@@ -75,6 +77,8 @@ def _loop(run: Run, st: RunState, preemption: Preemption) -> dict:
       st.log.train_seconds += time.time() - t
       if s.eval_every and st.step % s.eval_every == 0 and (st.step % s.ddk.interval or s.ddk.signal == "train"):
         _score_student(run, st, st.step)
+      if _tasks_due(run, st):
+        _downstream(run, st, st.step)
       if st.step % s.checkpoint.every == 0 and st.step < s.steps:
         _periodic_save(run, st)
       if preemption.should_stop(st.step):
@@ -233,6 +237,61 @@ def _log_signal(run: Run, st: RunState, step: int, losses: np.ndarray) -> None:
   run.writer.write(step, row, kind="signal")
 
 
+# ---- downstream tasks (eval.tasks) ---------------------------------------------------------
+
+
+def check_task_config(cfg: ml_collections.ConfigDict) -> None:
+  """ConfigError, before any work, for eval.tasks settings that cannot run (lm-eval missing, an
+  unknown task, a negative eval.tasks_every / eval.tasks_limit)."""
+  from ddk_jax import evaluate
+  from ddk_jax.config_validation import ConfigError
+  every = int(cfg.eval.get("tasks_every", 0))
+  if every < 0:
+    raise ConfigError(f"eval.tasks_every={every}: must be >= 0 (0: the tasks run only at the end).")
+  try:
+    evaluate.check_tasks(cfg.eval.get("tasks", ""), limit=int(cfg.eval.get("tasks_limit", 0)), flags={
+        "tasks": "eval.tasks", "limit": "eval.tasks_limit"})
+  except evaluate.EvaluationError as e:
+    raise ConfigError(str(e)) from None
+
+
+def _task_settings(run: Run) -> tuple[str, int, int]:
+  """(eval.tasks, eval.tasks_every, eval.tasks_limit) of the run."""
+  e = run.config_dict.get("eval", {})
+  return str(e.get("tasks") or "").strip(), int(e.get("tasks_every") or 0), int(e.get("tasks_limit") or 0)
+
+
+def _tasks_due(run: Run, st: RunState) -> bool:
+  tasks, every, _ = _task_settings(run)
+  return bool(tasks) and every > 0 and st.step % every == 0 and st.step < run.settings.steps
+
+
+def _downstream(run: Run, st: RunState, step: int) -> None:
+  """The eval.tasks downstream tasks on the live student: a metrics row of kind "tasks"
+  (`tasks/<task>/<metric>`, TensorBoard too), the results kept in the log state (summary.json and
+  report.md show the last ones).  Every process runs it (the forward is collective).  The
+  adapter is built, and its forward compiled, once per run; later calls swap the params in."""
+  from ddk_jax import evaluate
+  tasks, _, limit = _task_settings(run)
+  _drain(run, st)  # metrics.jsonl stays in step order
+  params = st.train_state["params"]
+  if run.task_lm is None:
+    from ddk_jax import data as data_lib
+    tokenizer = data_lib.load_tokenizer_from_config(run.config_dict["data"])
+    run.task_lm = evaluate.task_adapter(params, run.student_cfg, tokenizer, data_seq_len=run.settings.seq_len,
+                                        batch_size=run.settings.ddk.eval_batch_size, mesh=run.mesh, rules=run.rules)
+  else:
+    run.task_lm.update_params(params)
+  results, done = evaluate.run_downstream(run.task_lm, tasks, limit=limit,
+                                          corpus_dir=run.config_dict["data"].get("demo_corpus_dir"))
+  seconds = (st.log.downstream or {}).get("seconds", 0.0) + done["seconds"]
+  st.log.downstream = {"step": step, "tasks": tasks, "limit": limit, "results": results, "seconds": seconds}
+  run.writer.write(step, {f"tasks/{t}/{k}": v for t, metrics in results.items() for k, v in metrics.items()},
+                   kind="tasks")
+  _log.info("downstream tasks at step %d (%.1f s): %s", step, done["seconds"], ", ".join(
+      f"{t} acc {m['acc']:.4f}" for t, m in results.items() if "acc" in m) or results)
+
+
 # ---- evaluation, metrics, checkpoints ------------------------------------------------------
 
 
@@ -357,10 +416,16 @@ def _finish(run: Run, st: RunState) -> None:
         st.log.whole_teacher_losses = _score_whole_split(run, st, steps, teacher=True).tolist()
         st.log.whole_teacher_rows = run.whole_rows_key
     st.log.final_student_losses = [float(x) for x in final]
+    if _task_settings(run)[0]:
+      _downstream(run, st, steps)
     if run.ckpt.latest_step() != steps:
       _save(run, st, force=True)
   else:
     _log.info("%s already finished at step %d; writing its report again.", run.workdir, run.settings.steps)
+    tasks, _, limit = _task_settings(run)
+    done = st.log.downstream or {}
+    if tasks and (done.get("step"), done.get("tasks"), done.get("limit")) != (steps, tasks, limit):
+      _downstream(run, st, steps)  # eval.tasks set (or changed) since the run finished
   run.ckpt.wait()
 
 
@@ -390,6 +455,11 @@ def _summary(run: Run, st: RunState) -> dict:
       "controller_eval_seconds": st.log.controller_eval_seconds,
       "wall_seconds": st.wall_seconds(),
   }
+  if st.log.downstream is not None and _task_settings(run)[0]:
+    d = st.log.downstream
+    summary["downstream"] = d["results"]
+    summary["downstream_settings"] = {"step": d["step"], "tasks": d["tasks"], "limit": d["limit"], "num_fewshot": 0,
+                                      "seconds": d["seconds"]}
   if run.is_main:
     reporting.write_report(run.workdir, summary, run.controller.history, run.settings)
   return summary

@@ -3,7 +3,10 @@ whole validation split when the controller scores a subset (ddk.eval_max_rows).
 
 The tiny runs here cap the controller's rows at 1 per domain, so the whole split (4-11 rows per
 domain) and the capped rows differ: the evaluation must give the trainer's final numbers on the
-first and its controller's numbers on the second."""
+first and its controller's numbers on the second.
+
+Downstream tasks (`--tasks`, and `eval.tasks` in training) run one local task (ddk_math, from a
+small demo corpus) on at most 3 documents."""
 
 from __future__ import annotations
 
@@ -278,3 +281,115 @@ def test_uncapped_run_uses_one_set_of_rows(trained):
   assert "eval_whole" not in kinds and "teacher_eval_whole" not in kinds
   report = open(os.path.join(workdir, "report.md")).read()
   assert "for the DDK controller and for every number below" in report
+
+
+# ---- downstream tasks: --tasks, and eval.tasks in training -------------------------------------------
+
+
+def _local_tasks(root: str) -> str:
+  """A one-task local task directory (ddk_math) built from a small demo corpus, once per session."""
+  from ddk_jax.demo.corpus import ensure_demo_corpus
+  from ddk_jax.downstream import local_tasks
+  out = os.path.join(root, "local_tasks")
+  if not os.path.exists(os.path.join(out, local_tasks.MANIFEST)):
+    corpus = ensure_demo_corpus(os.path.join(root, "demo_corpus"), scale=0.05, vocab_size=512)["out_dir"]
+    local_tasks.generate_local_tasks(out, corpus, tasks=["ddk_math"])
+  return out
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+  return _local_tasks(tiny_run.shared_root(tmp_path_factory))
+
+
+def test_tasks_add_accuracies_to_the_json_and_the_table(cli_env, whole_split, task_dir, tmp_path):
+  out = tmp_path / "tasks.json"
+  env = dict(cli_env["env"], DDK_DOWNSTREAM_TASKS=task_dir)
+  p = _run(EVALUATE, cli_env["config"], cli_env["cache"], f"--workdir={cli_env['workdir']}", "--noteacher",
+           "--tasks=ddk_math", "--limit=3", f"--out={out}", env=env)
+  assert p.returncode == 0, p.stderr[-3000:]
+  result = _read(out)
+  m = result["downstream"]["ddk_math"]
+  assert set(m) >= {"acc", "acc_stderr", "acc_norm", "num_samples"} and m["num_samples"] == 3
+  assert m["acc"] in (0.0, 1 / 3, 2 / 3, 1.0)
+  s = result["downstream_settings"]
+  assert s["tasks"] == ["ddk_math"] and s["limit"] == 3 and s["num_fewshot"] == 0 and s["seq_len"] == 256
+  assert result["seconds"]["downstream"] == s["seconds"]
+  lines = p.stdout.splitlines()
+  assert any(line.startswith("downstream tasks ddk_math: at most 3 documents per task, 0-shot") for line in lines)
+  row = next(line.split() for line in lines if line.startswith("ddk_math "))
+  assert row == ["ddk_math", f"{m['acc']:.4f}", f"{m['acc_stderr']:.4f}", f"{m['acc_norm']:.4f}", "3"]
+  # The validation numbers are those of the run without --tasks.
+  plain = whole_split[1]
+  for name, d in result["domains"].items():
+    assert d["student_ce"] == pytest.approx(plain["domains"][name]["student_ce"], abs=1e-6)
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--limit=3"], ["--limit applies to downstream tasks", "--tasks="]),
+    (["--tasks=ddk_math", "--num_fewshot=-1"], ["--num_fewshot=-1", ">= 0"]),
+    (["--tasks=ddk_math,ddk_mathh"], ["unknown task 'ddk_mathh'", "did you mean ddk_math?"]),
+])
+def test_task_mistakes_are_one_line_and_exit_2(cli_env, args, needles):
+  p = _run(EVALUATE, cli_env["config"], cli_env["cache"], f"--workdir={cli_env['workdir']}", *args,
+           env=cli_env["env"], timeout=120)
+  _assert_usage_error(p, *needles)
+
+
+TASKS_RUN = {"steps": 4, "ddk.interval": 2, "checkpoint.every": 2, "eval.tasks": "ddk_math", "eval.tasks_every": 2,
+             "eval.tasks_limit": 3}
+
+
+def test_training_runs_the_tasks_at_the_configured_steps(tmp_path_factory, task_dir, monkeypatch):
+  from ddk_jax import evaluate, trainer
+  from ddk_jax.downstream import harness
+  monkeypatch.setattr(harness, "DEFAULT_TASK_DIR", task_dir)
+  built = []
+  real = evaluate.task_adapter
+  monkeypatch.setattr(evaluate, "task_adapter", lambda *a, **k: built.append(1) or real(*a, **k))
+  root = tiny_run.shared_root(tmp_path_factory)
+  workdir = str(tmp_path_factory.mktemp("tasks_run"))
+  with tiny_run.compilation_cache(os.path.join(root, "jax_cache")):
+    cfg = tiny_run.tiny_config(tiny_run.shared_assets(root), **TASKS_RUN)
+    summary = trainer.train(cfg, workdir)
+    rows = [r for r in tiny_run.metrics(workdir) if r["kind"] == "tasks"]
+    assert [r["step"] for r in rows] == [2, 4]  # every eval.tasks_every steps and at the end
+    assert len(built) == 1  # one adapter (one compiled forward) for the run
+    final = {k: v for k, v in rows[-1].items() if k.startswith("tasks/")}
+    assert set(final) >= {"tasks/ddk_math/acc", "tasks/ddk_math/acc_norm", "tasks/ddk_math/num_samples"}
+    assert summary["downstream"] == {"ddk_math": {k.split("/")[-1]: v for k, v in final.items()}}
+    assert summary["downstream_settings"]["step"] == 4 and summary["downstream_settings"]["limit"] == 3
+    with open(os.path.join(workdir, "summary.json")) as f:
+      assert json.load(f)["downstream"] == summary["downstream"]
+    with open(os.path.join(workdir, "report.md")) as f:
+      report = f.read()
+    acc = summary["downstream"]["ddk_math"]
+    assert "## Downstream tasks" in report and "at most 3 documents per task, 0-shot" in report
+    assert f"| ddk_math | {acc['acc']:.4f} ± {acc['acc_stderr']:.4f} | {acc['acc_norm']:.4f} | 3 |" in report
+    # The final checkpoint evaluated with --tasks gives the same accuracies.
+    result = evaluate.evaluate_checkpoint(cfg, workdir=workdir, teacher=False, tasks="ddk_math", limit=3)
+    assert result["downstream"] == summary["downstream"]
+    # A finished run rewrites its report with the same results, without running the tasks again.
+    built.clear()
+    again = trainer.train(cfg, workdir)
+    assert again["downstream"] == summary["downstream"] and not built
+  assert [r["step"] for r in tiny_run.metrics(workdir) if r["kind"] == "tasks"] == [2, 4]
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"eval.tasks_every": -1}, "eval.tasks_every=-1: must be >= 0"),
+    ({"eval.tasks": "ddk_math", "eval.tasks_limit": -2}, "eval.tasks_limit=-2: must be >= 0"),
+])
+def test_bad_task_settings_fail_before_training(tmp_path_factory, overrides, needle, tmp_path):
+  from ddk_jax import trainer
+  from ddk_jax.config_validation import ConfigError
+  cfg = tiny_run.tiny_config(tiny_run.shared_assets(tiny_run.shared_root(tmp_path_factory)), **overrides)
+  with pytest.raises(ConfigError, match=needle):
+    trainer.train(cfg, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_default_settings_run_no_tasks(trained):
+  _, workdir, summary = trained["whole"]
+  assert "downstream" not in summary
+  assert not [r for r in tiny_run.metrics(workdir) if r["kind"] == "tasks"]
