@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine with Python >= 3.11:
-#   make demo   installs ddk_jax into .venv and runs the embedded demo (configs/demo.py)
+#   make demo   installs ddk_jax (with lm-eval) into .venv and runs the embedded demo (configs/demo.py)
 #   make test   installs ddk_jax + test extras into .venv and runs the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +11,7 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 install: $(VENV)/bin/python
-	$(PIP) install -e .
+	$(PIP) install -e '.[eval]'  # the demo also reports downstream accuracy (lm-eval)
 
 install-test: $(VENV)/bin/python
 	$(PIP) install -e '.[test]'

@@ -55,6 +55,11 @@ def get_config():
   c.ddk.eval_batch_size = 24
   c.ddk.eval_max_rows = 24
 
+  # Downstream accuracy per domain at the end: the five local multiple-choice tasks built
+  # from the corpus's held-out documents (ddk_jax.downstream; installed by `make demo`).
+  c.eval.tasks = "ddk_local"
+  c.eval.tasks_limit = 100
+
   c.checkpoint.every = 150
   c.logging.every = 10
   return c

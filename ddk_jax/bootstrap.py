@@ -85,6 +85,7 @@ def _pretrain_config(cfg: ml_collections.ConfigDict, which: str) -> ml_collectio
   pre.checkpoint.every = max(pre.steps // 4, 1)
   pre.ddk.interval = pre.steps
   pre.ddk.update_at_start = False
+  pre.eval.tasks = ""  # downstream tasks judge the distilled student, not its pre-training
   pre.data.domains = [dict(d, weight=1.0) for d in pre.data.domains]
   return pre
 
