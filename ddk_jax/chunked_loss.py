@@ -38,12 +38,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ddk_jax.losses import Divergence, akl_weights, as_divergence, log_mixture, logits_f32, loss_dtype, static_or_traced
+from ddk_jax.losses import CachedTeacher, Divergence, akl_weights, as_divergence, cached_bucket_log_probs
+from ddk_jax.losses import check_cache_divergence, log_mixture, logits_f32, loss_dtype, static_or_traced
 
 __all__ = [
   "default_chunk_size",
   "chunked_kd_token_losses",
   "chunked_kd_loss_sum",
+  "chunked_kd_loss_sum_cached",
 ]
 
 # Target size of one fp32 [chunk, V] block. A handful of these are live per
@@ -526,3 +528,118 @@ def chunked_kd_loss_sum(student_hidden: jax.Array, student_head: jax.Array, teac
   total, ce, kl, *tce = _loss_sum(student_hidden, student_head, ht, wt, targets, mask, dyn, st)
   return total, (jax.lax.stop_gradient(ce), jax.lax.stop_gradient(kl), *map(jax.lax.stop_gradient, tce))
 
+
+# ----------------------------------------------------------------------------
+# teacher from a top-k cache: the training form
+
+
+def _cached_log_p(log_q, ids, logp, tail, t):
+  """The teacher's tempered log-probabilities over the whole vocabulary, [B, c, V], from its k+1
+  cached buckets: the top-k ids get their bucket's mass, and the tail bucket's mass is spread
+  over the other ids in proportion to the student's ``q`` there.
+
+  With this completion every f-divergence ``sum_v q_v f(p_v / q_v)`` over the vocabulary equals
+  the one over the k+1 buckets (``p_v / q_v`` is constant on the tail), and so does its gradient
+  with the completed teacher held constant (``dD/dq_v`` depends on ``v`` only through
+  ``p_v / q_v``): the per-divergence code of the online teacher applies unchanged.
+  """
+  log_b = cached_bucket_log_probs(logp, tail, t)  # [B, c, k+1]
+  log_pk, log_pt = log_b[..., :-1], log_b[..., -1]
+  b, c, _ = ids.shape
+  bi = jnp.arange(b)[:, None, None]
+  ci = jnp.arange(c)[None, :, None]
+  in_k = jnp.zeros(log_q.shape, jnp.bool_).at[bi, ci, ids].set(True)
+  log_qt = _lse(jnp.where(in_k, _MASKED_LOGIT, log_q))
+  spread = log_q + (log_pt - log_qt)[..., None]
+  return jnp.maximum(spread.at[bi, ci, ids].set(log_pk), _MASKED_LOGIT)
+
+
+def _chunk_cached(z_s, x, t, st, need_grad, gamma):
+  """One chunk against the cached teacher: (ce, kd, d z_s for sum(ce) + gamma * sum(kd) or None)."""
+  tgt = x["tgt"]
+  lse_s = _lse(z_s)
+  ce = lse_s - jnp.sum(jnp.where(_is_target(z_s.shape, tgt), z_s, 0.0), axis=-1)
+  lse_s_t = lse_s if _is_one(t) else _lse(_tempered(z_s, t, st))
+  log_q = _tempered(z_s, t, st) - lse_s_t[..., None]
+  log_p = _cached_log_p(log_q, x["ids"], x["logp"], x["tail"], t)
+  if st.divergence.name == "forward_kl":
+    kl = (t * t) * jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    grad = (jnp.exp(log_q) - jnp.exp(log_p)) if need_grad else None
+  else:
+    d, grad = _divergence_and_grad(st.divergence, log_p, log_q, need_grad=need_grad)
+    kl = (t * t) * d
+  if not need_grad:
+    return ce, kl, None
+  dz = jnp.exp(z_s - lse_s[..., None]) - _is_target(z_s.shape, tgt) + (t * gamma) * grad
+  keep = x["valid"][..., None]
+  if st.valid_vocab is not None:
+    keep = keep & (jax.lax.broadcasted_iota(jnp.int32, dz.shape, dz.ndim - 1) < st.valid_vocab)
+  return ce, kl, jnp.where(keep, dz, 0.0)
+
+
+def _prepare_cached(hs, cached, targets, mask, chunk_size, vocab):
+  xs, c, n = _prepare(hs, None, targets, mask, chunk_size, vocab)
+  xs["ids"] = _to_chunks(cached.ids.astype(jnp.int32), c, n)
+  xs["logp"] = _to_chunks(cached.logp, c, n)
+  xs["tail"] = _to_chunks(cached.tail, c, n)
+  return xs
+
+
+def _cached_scan(hs, ws, cached, targets, mask, t, gamma, st, need_grad):
+  xs = _prepare_cached(hs, cached, targets, mask, st.chunk_size, ws.shape[1])
+  cdt = jnp.promote_types(hs.dtype, ws.dtype)
+
+  def body(dw_acc, x):
+    z_s = _mask_vocab(logits_f32(x["hs"], ws), st)
+    ce, kl, dz = _chunk_cached(z_s, x, t, st, need_grad, gamma)
+    ce = jnp.where(x["valid"], ce, 0.0)
+    kl = jnp.where(x["valid"], kl, 0.0)
+    if dz is None:
+      return dw_acc, (ce, kl)
+    dh, dw = _grad_matmuls(x["hs"], ws, dz, cdt)
+    return dw_acc + dw, (ce, kl, dh)
+
+  dw, ys = jax.lax.scan(body, jnp.zeros(ws.shape, loss_dtype(hs, ws)) if need_grad else None, xs)
+  s = hs.shape[1]
+  ys = tuple(_from_chunks(y, s) for y in ys)
+  return (*ys, dw) if need_grad else ys
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _loss_sum_cached(hs, ws, cached, targets, mask, dyn, st):
+  t, gamma = _hyper(st, dyn, "temperature"), _hyper(st, dyn, "gamma")
+  ce, kl = _cached_scan(hs, ws, cached, targets, mask, t, gamma, st, need_grad=False)
+  return jnp.sum(ce) + gamma * jnp.sum(kl), ce, kl
+
+
+def _loss_sum_cached_fwd(hs, ws, cached, targets, mask, dyn, st):
+  t, gamma = _hyper(st, dyn, "temperature"), _hyper(st, dyn, "gamma")
+  ce, kl, dh, dw = _cached_scan(hs, ws, cached, targets, mask, t, gamma, st, need_grad=True)
+  tags = (jnp.zeros((0,), hs.dtype), jnp.zeros((0,), ws.dtype))
+  return (jnp.sum(ce) + gamma * jnp.sum(kl), ce, kl), (dh, dw, tags, dyn)
+
+
+def _loss_sum_cached_bwd(st, res, cts):
+  dh, dw, (hs_tag, ws_tag), dyn = res
+  g = cts[0]
+  return ((g * dh).astype(hs_tag.dtype), (g * dw).astype(ws_tag.dtype), None, None, None, _dyn_zeros(dyn))
+
+
+_loss_sum_cached.defvjp(_loss_sum_cached_fwd, _loss_sum_cached_bwd)
+
+
+def chunked_kd_loss_sum_cached(student_hidden: jax.Array, student_head: jax.Array, cached: CachedTeacher,
+    targets: jax.Array, mask: jax.Array, *, temperature: float | jax.Array, gamma: float | jax.Array,
+    chunk_size: int | None = None, divergence: str | Divergence = "forward_kl",
+    valid_vocab: int | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """``chunked_kd_loss_sum`` against a teacher read from a top-k cache (``losses.CachedTeacher``).
+
+  The KD term is ``T^2 D`` over the k+1 buckets of the cache (the teacher's top-k ids and the
+  rest), the student reduced to the same buckets, as ``losses.kd_token_losses_cached`` computes
+  it naively; no teacher forward or teacher head matmul. ``divergence`` must be one of
+  ``losses.CACHE_DIVERGENCES``. Other arguments and the outputs as in ``chunked_kd_loss_sum``.
+  """
+  check_cache_divergence(divergence)
+  st, dyn = _static_and_dyn(student_head, divergence, valid_vocab, temperature, gamma, chunk_size)
+  total, ce, kl = _loss_sum_cached(student_hidden, student_head, CachedTeacher(*cached), targets, mask, dyn, st)
+  return total, (jax.lax.stop_gradient(ce), jax.lax.stop_gradient(kl))

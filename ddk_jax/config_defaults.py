@@ -59,6 +59,14 @@ def base_config() -> ml_collections.ConfigDict:
   # (mode cpt, this run's data) into `path` (relative: inside the workdir). The demo uses it.
   c.teacher.pretrain_steps = 0
   c.teacher.pretrain_learning_rate = 1e-3
+  # Offline teacher (docs/teacher_cache.md): `python -m ddk_jax.teacher_cache` runs the teacher once over
+  # the training rows into cache_dir; training with source='cache' reads it and never loads the teacher.
+  c.teacher.cache_dir = ""
+  c.teacher.cache_top_k = 64  # teacher log-probabilities kept per token (plus one bucket for the rest)
+  c.teacher.cache_dtype = "float16"  # float16 | bfloat16 | float32: storage of the log-probabilities
+  # Rows cached per domain, as a share of the run's steps * global_batch_size: 1.0 covers any mixture.
+  c.teacher.cache_domain_share = 1.0
+  c.teacher.cache_rows_per_shard = 0  # rows per ArrayRecord shard; 0: about 128 MiB per shard
   c.student = ml_collections.ConfigDict()
   c.student.source = "random"
   c.student.path = ""

@@ -13,10 +13,12 @@ from typing import Any
 from ddk_jax import ddk, sharding
 from ddk_jax.ddk import MODES
 from ddk_jax.model import ModelConfig
-from ddk_jax.losses import DIVERGENCES
+from ddk_jax.losses import CACHE_DIVERGENCES, DIVERGENCES
 from ddk_jax.train_step import LOSS_IMPLS, SCHEDULES
 
 MODEL_SOURCES = ("random", "hf", "workdir")
+TEACHER_SOURCES = MODEL_SOURCES + ("cache",)  # 'cache': a top-k teacher cache (ddk_jax.teacher_cache)
+CACHE_DTYPES = ("float16", "bfloat16", "float32")
 
 
 class ConfigError(ValueError):
@@ -111,10 +113,6 @@ def _validate_ddk(cfg: Any) -> None:
   if d.signal == "train" and not ddk.uses_teacher(cfg.mode):
     raise ConfigError("ddk.signal='train' needs the teacher's loss on the training batches, and mode=cpt has no "
                       "teacher; use ddk.signal='validation' (or a mode with a teacher).")
-  if d.signal == "train" and cfg.teacher.get("source") == "cache":
-    raise ConfigError("ddk.signal='train' needs the teacher's CE at every training target, which a top-k teacher "
-                      "cache (teacher.source='cache') does not hold; use ddk.signal='validation' or run the teacher "
-                      "online.")
   names = _domain_names(cfg)
   floor, cap = ddk_bound(cfg, "floor"), ddk_bound(cfg, "cap")
   per_domain = lambda v: [v[n] for n in names] if isinstance(v, dict) else [v] * len(names)
@@ -122,6 +120,30 @@ def _validate_ddk(cfg: Any) -> None:
   if problem:
     key = "ddk.floor" if "floors sum" in problem else "ddk.cap" if "caps sum" in problem else "ddk.floor / ddk.cap"
     raise ConfigError(f"{key} (floor={d.floor!r}, cap={d.cap!r}): {problem}")
+
+
+def _validate_teacher_cache(cfg: Any) -> None:
+  """The teacher.cache_* keys; with teacher.source='cache', the divergences a top-k cache can give."""
+  t = cfg.teacher
+  k = t.cache_top_k
+  if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+    raise ConfigError(f"teacher.cache_top_k={k!r}: must be a positive integer (64 by default).")
+  if t.cache_dtype not in CACHE_DTYPES:
+    raise ConfigError(f"teacher.cache_dtype={t.cache_dtype!r}: must be one of {', '.join(CACHE_DTYPES)}.")
+  if not 0.0 < float(t.cache_domain_share) <= 1.0:
+    raise ConfigError(f"teacher.cache_domain_share={t.cache_domain_share!r}: must be in (0, 1] (1.0 caches enough "
+                      "rows of every domain for any mixture).")
+  if int(t.cache_rows_per_shard) < 0:
+    raise ConfigError(f"teacher.cache_rows_per_shard={t.cache_rows_per_shard!r}: must be >= 0 (0: automatic).")
+  if t.source != "cache" or cfg.mode == "cpt":
+    return
+  if not t.cache_dir:
+    raise ConfigError("teacher.source='cache' needs teacher.cache_dir: pass --config.teacher.cache_dir=DIR, the "
+                      "directory python -m ddk_jax.teacher_cache wrote.")
+  if cfg.loss.divergence not in CACHE_DIVERGENCES:
+    raise ConfigError(f"loss.divergence={cfg.loss.divergence!r} cannot be computed from a top-k teacher cache (it "
+                      "sorts the teacher's whole distribution); with teacher.source='cache' use one of "
+                      f"{', '.join(CACHE_DIVERGENCES)}, or run the teacher online.")
 
 
 def validate_config(cfg: Any, num_devices: int) -> None:
@@ -149,12 +171,14 @@ def validate_config(cfg: Any, num_devices: int) -> None:
     raise ConfigError(f"loss.impl={cfg.loss.impl!r}: must be one of {', '.join(LOSS_IMPLS)}.")
   _validate_loss(cfg.loss)
   for which in ("teacher", "student"):
-    if cfg[which].source not in MODEL_SOURCES:
-      raise ConfigError(f"{which}.source={cfg[which].source!r}: must be one of {', '.join(MODEL_SOURCES)}.")
+    sources = TEACHER_SOURCES if which == "teacher" else MODEL_SOURCES
+    if cfg[which].source not in sources:
+      raise ConfigError(f"{which}.source={cfg[which].source!r}: must be one of {', '.join(sources)}.")
     if cfg[which].source in ("hf", "workdir") and not cfg[which].path:
       raise ConfigError(f"{which}.path is empty but {which}.source={cfg[which].source!r} needs it: "
                         f"pass --config.{which}.path=/path/to/checkpoint.")
 
+  _validate_teacher_cache(cfg)
   student = model_config(cfg, "student")
   if cfg.mode != "cpt":
     teacher = model_config(cfg, "teacher")
@@ -193,6 +217,7 @@ def validate_config(cfg: Any, num_devices: int) -> None:
   for which in ("teacher", "student"):
     if int(cfg[which].pretrain_steps) < 0:
       raise ConfigError(f"{which}.pretrain_steps={cfg[which].pretrain_steps!r}: must be >= 0.")
-    if int(cfg[which].pretrain_steps) > 0 and cfg[which].source != "workdir":
+    # With source='cache' the teacher's pre-training is what the cache was made from (not redone).
+    if int(cfg[which].pretrain_steps) > 0 and cfg[which].source not in ("workdir", "cache"):
       raise ConfigError(f"{which}.pretrain_steps={cfg[which].pretrain_steps} needs {which}.source='workdir' "
                         f"(the pre-trained model is written to and read from {which}.path).")

@@ -25,6 +25,7 @@ holding a ``[tokens, V]`` buffer.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,11 @@ __all__ = [
   "kd_token_losses",
   "kd_token_losses_from_logits",
   "per_domain_sums",
+  "CachedTeacher",
+  "CACHE_DIVERGENCES",
+  "check_cache_divergence",
+  "cached_bucket_log_probs",
+  "kd_token_losses_cached",
 ]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl", "akl")
@@ -289,3 +295,90 @@ def per_domain_sums(values_tok: jax.Array, mask: jax.Array, domain_id: jax.Array
   sums = sums + jnp.sum(jnp.where(member & ~finite[:, None], row_sums[:, None], 0.0), axis=0)
   counts = jnp.einsum("b,bn->n", row_counts, onehot, precision=jax.lax.Precision.HIGHEST)
   return sums, counts
+
+
+# ---- a teacher from a top-k cache (ddk_jax.teacher_cache) ------------------------------------------------
+
+# Divergences that depend on the teacher only through the k+1 buckets a cache keeps (the f-divergences:
+# sums over the vocabulary of a function of q_v and p_v / q_v). AKL's head/tail split sorts the teacher's
+# whole distribution, which a top-k cache does not hold.
+CACHE_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
+
+_MASKED = -1e30  # a log-probability of exactly zero mass that keeps differences finite
+
+
+class CachedTeacher(NamedTuple):
+  """The teacher's distribution per token as a cache stores it, at temperature 1.
+
+  ``ids`` ``[B, S, k]`` int (any integer dtype): the teacher's top-k token ids; ``logp``
+  ``[B, S, k]`` (any float dtype): their log-probabilities; ``tail`` ``[B, S]``: the log of
+  the probability of every other id (``-inf`` or very negative when the top-k hold it all).
+  """
+
+  ids: jax.Array
+  logp: jax.Array
+  tail: jax.Array
+
+
+def check_cache_divergence(divergence: str | Divergence) -> Divergence:
+  div = as_divergence(divergence)
+  if div.name not in CACHE_DIVERGENCES:
+    raise ValueError(f"divergence {div.name!r} cannot be computed from a top-k teacher cache (it needs the "
+                     f"teacher's whole distribution); use one of {', '.join(CACHE_DIVERGENCES)}")
+  return div
+
+
+def cached_bucket_log_probs(logp: jax.Array, tail: jax.Array, temperature) -> jax.Array:
+  """The teacher's k+1 bucket log-probabilities at temperature ``T``: ``[..., k+1]``, float32.
+
+  The cached log-probabilities (temperature 1) of the top-k ids and of the tail bucket are
+  divided by ``T`` and renormalised over the k+1 buckets. At ``T = 1`` this is the cached
+  distribution itself; at ``T != 1`` the tail is tempered as one bucket (``P_tail^(1/T)``, not
+  the sum of its ids' ``p^(1/T)``). Zero mass stays at a very negative finite value.
+  """
+  t = static_or_traced(temperature)
+  a = jnp.concatenate([logp.astype(jnp.float32), tail.astype(jnp.float32)[..., None]], axis=-1)
+  a = jnp.maximum(a / t, _MASKED)
+  return jnp.maximum(a - jax.nn.logsumexp(a, axis=-1, keepdims=True), _MASKED)
+
+
+def _scatter_ids(shape, ids: jax.Array, values) -> jax.Array:
+  """``[B, c, V]`` zeros (False) with ``values`` put at each token's ``ids`` ``[B, c, k]``."""
+  b, c, _ = ids.shape
+  bi = jnp.arange(b)[:, None, None]
+  ci = jnp.arange(c)[None, :, None]
+  dtype = jnp.bool_ if values is True else values.dtype
+  return jnp.zeros(shape, dtype).at[bi, ci, ids].set(values)
+
+
+def kd_token_losses_cached(student_hidden: jax.Array, student_head: jax.Array, cached: CachedTeacher,
+    targets: jax.Array, mask: jax.Array, *, temperature: float | jax.Array,
+    divergence: str | Divergence = "forward_kl", valid_vocab: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """Naive CE + KD token losses against a cached top-k teacher (the reference of the chunked form).
+
+  Both distributions are reduced to the same k+1 buckets: the teacher's are its cached top-k
+  log-probabilities and tail (``cached_bucket_log_probs``), the student's its tempered
+  log-probabilities at the teacher's k ids and the log of its remaining mass. ``kl_tok`` is
+  ``T^2 D(P_buckets || Q_buckets)``, differentiated by autodiff; ``ce_tok`` is the plain CE.
+  Other arguments as in ``kd_token_losses``.
+  """
+  div = check_cache_divergence(divergence)
+  vocab = student_head.shape[1]
+  if valid_vocab is not None and valid_vocab != vocab:
+    if not 0 < valid_vocab <= vocab:
+      raise ValueError(f"valid_vocab={valid_vocab} must be in [1, student vocab {vocab}]")
+    student_head = student_head[:, :valid_vocab]
+  z_s = logits_f32(student_hidden, student_head)
+  valid = mask != 0
+  ce = jax.nn.logsumexp(z_s, axis=-1) - _target_logit(z_s, targets)
+  t = static_or_traced(temperature)
+  log_q = jax.nn.log_softmax(z_s / t, axis=-1)
+  ids = cached.ids.astype(jnp.int32)
+  in_k = _scatter_ids(z_s.reshape((-1,) + z_s.shape[-2:]).shape, ids.reshape((-1,) + ids.shape[-2:]), True)
+  in_k = in_k.reshape(z_s.shape)
+  log_q_tail = jax.nn.logsumexp(jnp.where(in_k, _MASKED, log_q), axis=-1)
+  log_q_b = jnp.concatenate([jnp.take_along_axis(log_q, ids, axis=-1), log_q_tail[..., None]], axis=-1)
+  log_q_b = jnp.maximum(log_q_b, _MASKED)
+  log_p_b = jax.lax.stop_gradient(cached_bucket_log_probs(cached.logp, cached.tail, t))
+  kl = (t * t) * divergence_from_log_probs(div, log_p_b, log_q_b)
+  return jnp.where(valid, ce, 0.0), jnp.where(valid, kl, 0.0)

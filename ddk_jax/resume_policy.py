@@ -20,7 +20,7 @@ from ddk_jax.errors import TrainingError
 # up to the restored step (a prefix ends with '.').  `steps` stretches a cosine schedule
 # from the restored step on; that is the point of changing it, and it is logged.
 RESUMABLE_CHANGES = ("steps", "logging.", "eval.", "checkpoint.", "optimizer.max_consecutive_skips",
-                     "compilation_cache_dir", "data.num_prepare_workers")
+                     "compilation_cache_dir", "data.num_prepare_workers", "teacher.cache_dir")
 
 _log = logging.getLogger("ddk_jax")
 

@@ -105,6 +105,7 @@ class Run:
   runtime: dict
   flops_per_token: float
   peak_flops: float  # all devices
+  teacher_cache: Any = None  # teacher_cache.TeacherCache with teacher.source='cache' (no teacher loaded)
   task_lm: Any = None  # the downstream adapter (eval.tasks), built at its first use
 
   @property
@@ -184,6 +185,16 @@ def _load_model(cfg: ml_collections.ConfigDict, which: str, mesh, rules, seed: i
   raise TrainingError(f"{which}.source={section.source!r} is not supported")
 
 
+def _teacher_cache(cfg, settings: Settings, tokenizer, manifest: dict, student_cfg: ModelConfig, workdir: str):
+  """With teacher.source='cache' (docs/teacher_cache.md): the checked teacher cache the KD term and the
+  mixture's rows read (the teacher is never loaded); else None."""
+  if not settings.teacher_from_cache:
+    return None
+  from ddk_jax import teacher_cache
+  return teacher_cache.open_for_run(cfg, settings, tokenizer, manifest, student_vocab_size=student_cfg.vocab_size,
+                                    workdir=workdir)
+
+
 def setup(cfg: ml_collections.ConfigDict, settings: Settings, workdir: str, *,
           allow_config_change: bool) -> tuple[Run, RunState]:
   from ddk_jax import data as data_lib
@@ -205,7 +216,8 @@ def setup(cfg: ml_collections.ConfigDict, settings: Settings, workdir: str, *,
   student_cfg, student_params = _load_model(cfg, "student", mesh, rules, settings.seed)
   data_lib.check_vocab_fits(tokenizer, student_cfg.vocab_size, "student")
   teacher_cfg = teacher_params = None
-  if settings.uses_teacher:
+  cache = _teacher_cache(cfg, settings, tokenizer, manifest, student_cfg, workdir)  # teacher.source='cache'
+  if settings.uses_teacher and cache is None:
     teacher_cfg, teacher_params = _load_model(cfg, "teacher", mesh, rules, settings.seed + 1)
     if teacher_cfg.vocab_size < student_cfg.vocab_size:
       raise TrainingError(
@@ -213,13 +225,14 @@ def setup(cfg: ml_collections.ConfigDict, settings: Settings, workdir: str, *,
           "needs one shared tokenizer whose ids both models cover; choose a teacher/student pair with the same "
           "tokenizer.")
   _log.info("student %.1fM params, teacher %s", student_cfg.num_params() / 1e6,
-            f"{teacher_cfg.num_params() / 1e6:.1f}M params" if teacher_cfg else "none (cpt)")
+            f"{teacher_cfg.num_params() / 1e6:.1f}M params" if teacher_cfg else "cached" if cache else "none (cpt)")
 
   # ---- steps ----
   # The loss covers the tokenizer's ids only: rows an embedding is padded with get no mass.
   opts = ts.StepOptions(num_domains=len(names), mode=settings.mode, grad_accum=settings.grad_accum,
                         loss=ts.LossSpec.from_settings(settings.loss, steps=settings.steps,
-                                                       valid_vocab=tokenizer.max_id + 1))
+                                                       valid_vocab=tokenizer.max_id + 1),
+                        teacher_cache=cache is not None)
   optimizer = optim.make_optimizer(cfg.optimizer, settings.steps)
   s_sh = ts.params_shardings(student_cfg, mesh, rules)
   t_sh = ts.params_shardings(teacher_cfg, mesh, rules) if teacher_cfg else None
@@ -227,7 +240,7 @@ def setup(cfg: ml_collections.ConfigDict, settings: Settings, workdir: str, *,
   train_state = jax.jit(lambda p: ts.init_train_state(p, optimizer), out_shardings=state_sh)(student_params)
   del student_params
   train_step = ts.jit_train_step(ts.make_train_step(student_cfg, teacher_cfg, optimizer, opts), state_sh, t_sh,
-                                 mesh, rules)
+                                 mesh, rules, teacher_cache=cache is not None)
   eval_opts = dataclasses.replace(opts, mode="cpt")
   eval_student = ts.jit_eval_step(ts.make_eval_step(student_cfg, eval_opts), s_sh, mesh, rules)
   # The teacher is scored on the student's vocabulary, as in the KD term: padded rows of a
@@ -235,7 +248,8 @@ def setup(cfg: ml_collections.ConfigDict, settings: Settings, workdir: str, *,
   eval_teacher = (ts.jit_eval_step(ts.make_eval_step(teacher_cfg, eval_opts, vocab_size=student_cfg.vocab_size),
                                    t_sh, mesh, rules) if teacher_cfg else None)
 
-  data_iter = data_lib.build_train_iterator(cfg.data, manifest=manifest, tokenizer=tokenizer)
+  data_iter = data_lib.build_train_iterator(cfg.data, manifest=manifest, tokenizer=tokenizer,
+                                            row_extras=cache.row_extras if cache else None)
   # The final evaluation (and the report) uses the whole validation split; the controller
   # scores the first ddk.eval_max_rows rows per domain of it when that is fewer.
   eval_rows, eval_batch = settings.ddk.eval_max_rows, settings.ddk.eval_batch_size // jax.process_count()
@@ -250,6 +264,8 @@ def setup(cfg: ml_collections.ConfigDict, settings: Settings, workdir: str, *,
   rows_key, whole_rows_key = (
       validation.rows_key(config_dict["data"], num_processes=jax.process_count(), eval_max_rows=max_rows,
                           eval_batch_size=settings.ddk.eval_batch_size) for max_rows in (eval_rows, 0))
+  if cache is not None:  # the teacher's losses on these rows were measured when the cache was made
+    cache.check_validation_rows(rows_key, whole_rows_key)
   controller = MixtureController(
       names, settings.mode, **settings.ddk.controller_options(),
       initial_weights=None if settings.mode == "ddk_equal_sampling" else data_lib.initial_weights(cfg.data))
@@ -305,7 +321,7 @@ def setup(cfg: ml_collections.ConfigDict, settings: Settings, workdir: str, *,
       config_dict=config_dict, runtime=runtime,
       flops_per_token=flops.kd_step_flops(student_cfg, teacher_cfg, settings.tokens_per_step,
                                           settings.seq_len) / settings.tokens_per_step,
-      peak_flops=peak * jax.device_count())
+      peak_flops=peak * jax.device_count(), teacher_cache=cache)
   state = RunState(step=start_step, train_state=train_state, log=log,
                    skipped_total=int(jax.device_get(train_state["skipped_steps"])), started_at=started_at,
                    wall_before=float(log.wall_seconds), window_rows=np.zeros(len(names), np.int64))

@@ -55,6 +55,17 @@ def _optional_float(value: Any) -> float | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class TeacherCacheSettings:
+  """The teacher.cache_* keys (docs/teacher_cache.md)."""
+
+  cache_dir: str
+  top_k: int
+  dtype: str
+  domain_share: float
+  rows_per_shard: int
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointSettings:
   every: int
   keep: int
@@ -84,6 +95,13 @@ class Settings:
   loss: LossSettings
   checkpoint: CheckpointSettings
   logging: LoggingSettings
+  teacher_source: str = "random"  # random | hf | workdir | cache
+  teacher_cache: TeacherCacheSettings | None = None
+
+  @property
+  def teacher_from_cache(self) -> bool:
+    """The KD term reads a top-k teacher cache; the teacher itself is never loaded."""
+    return self.uses_teacher and self.teacher_source == "cache"
 
   @property
   def uses_teacher(self) -> bool:
@@ -120,4 +138,9 @@ class Settings:
                                       async_save=bool(cfg.checkpoint.async_save)),
         logging=LoggingSettings(every=int(cfg.logging.every), tensorboard=bool(cfg.logging.tensorboard),
                                 progress_bar=bool(cfg.logging.progress_bar)),
+        teacher_source=str(cfg.teacher.source),
+        teacher_cache=TeacherCacheSettings(
+            cache_dir=str(cfg.teacher.cache_dir), top_k=int(cfg.teacher.cache_top_k),
+            dtype=str(cfg.teacher.cache_dtype), domain_share=float(cfg.teacher.cache_domain_share),
+            rows_per_shard=int(cfg.teacher.cache_rows_per_shard)),
     )

@@ -152,6 +152,22 @@ class LossSpec:
                                      **self._kwargs(head))
     return total, (ce_tok, kl_tok, jax.lax.stop_gradient(t_ce))
 
+  def loss_sum_cached(self, hidden, head, cached: losses.CachedTeacher, targets, mask, *, gamma=None,
+                      temperature=None):
+    """``loss_sum`` with the teacher read from a top-k cache (``losses.CachedTeacher``): the KD term
+    over the cache's k+1 buckets (docs/teacher_cache.md); only the divergences of
+    ``losses.CACHE_DIVERGENCES``."""
+    gamma = self.gamma if gamma is None else gamma
+    temperature = self.temperature if temperature is None else temperature
+    kw = self._kwargs(head)
+    if self.impl == "chunked":
+      from ddk_jax import chunked_loss
+      return chunked_loss.chunked_kd_loss_sum_cached(hidden, head, cached, targets, mask, temperature=temperature,
+                                                     gamma=gamma, **kw)
+    kw.pop("chunk_size", None)
+    ce_tok, kl_tok = losses.kd_token_losses_cached(hidden, head, cached, targets, mask, temperature=temperature, **kw)
+    return jnp.sum(ce_tok) + gamma * jnp.sum(kl_tok), (ce_tok, kl_tok)
+
 
 _LEGACY_LOSS_FIELDS = {"gamma": "gamma", "temperature": "temperature", "loss_impl": "impl",
                        "loss_chunk_size": "chunk_size"}
@@ -173,6 +189,8 @@ class StepOptions:
   loss_impl: str = "chunked"
   loss_chunk_size: int = 0  # 0: chosen from the vocab size
   loss: LossSpec | None = None
+  # The teacher comes from a top-k cache in the batch (CACHE_KEYS) instead of a forward pass.
+  teacher_cache: bool = False
 
   def __post_init__(self):
     if self.loss is None:
@@ -222,13 +240,13 @@ def make_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
   """
   spec = opts.loss
   use_teacher = opts.uses_teacher
-  # With the teacher's forward pass the step also reports the teacher's CE at the targets, per
-  # domain: the controller's train signal (docs/ddk.md). A cached teacher has no logits for it.
-  teacher_ce = use_teacher and not getattr(opts, "teacher_cache", False)
+  # The step also reports the teacher's CE at the targets, per domain: the controller's train
+  # signal (docs/ddk.md). A cached teacher gives it from the cached log-probability of each target.
+  teacher_ce = use_teacher
 
   def micro_step(params, teacher_params, mb, total_tokens, gamma, temperature):
     mask = (mb["segment_ids"] != 0)
-    if use_teacher:
+    if use_teacher and not opts.teacher_cache:
       # Named scopes only label the ops in profiles (teacher / student / kd_loss / optimizer).
       with jax.named_scope("teacher"):
         t_hidden = model_lib.apply_hidden(teacher_params, teacher_cfg, mb["inputs"], mb["positions"],
@@ -244,9 +262,17 @@ def make_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
       with jax.named_scope("student"):
         hidden = model_lib.apply_hidden(p, student_cfg, mb["inputs"], mb["positions"], mb["segment_ids"])
         head = model_lib.head_weight(p, student_cfg)
+      t_ce_tok = []
       with jax.named_scope("kd_loss"):
-        total, (ce_tok, kl_tok, *t_ce_tok) = spec.loss_sum(hidden, head, t_hidden, t_head, mb["targets"], mask,
-                                                           gamma=gamma, temperature=temperature, teacher_ce=teacher_ce)
+        if use_teacher and opts.teacher_cache:
+          cached = losses.CachedTeacher(mb["teacher_ids"], mb["teacher_logp"], mb["teacher_tail"])
+          total, (ce_tok, kl_tok) = spec.loss_sum_cached(hidden, head, cached, mb["targets"], mask, gamma=gamma,
+                                                         temperature=temperature)
+          t_ce_tok = [jnp.where(mask, -mb["teacher_target"].astype(jnp.float32), 0.0)]
+        else:
+          total, (ce_tok, kl_tok, *t_ce_tok) = spec.loss_sum(hidden, head, t_hidden, t_head, mb["targets"], mask,
+                                                             gamma=gamma, temperature=temperature,
+                                                             teacher_ce=teacher_ce)
       return total / total_tokens, (ce_tok, kl_tok, *t_ce_tok)
 
     (loss, (ce_tok, kl_tok, *t_ce_tok)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -350,18 +376,28 @@ def state_shardings(params_sh: Any, optimizer: optax.GradientTransformation, abs
   return {"step": replicated, "params": params_sh, "opt_state": opt_sh, "skipped_steps": replicated}
 
 
-def batch_shardings(mesh: Mesh, rules) -> dict:
-  return {k: sharding.batch_sharding(mesh, rules, 1 if k == "domain_id" else 2) for k in ROW_KEYS}
+# Batch keys a cached teacher adds to the rows (ddk_jax.teacher_cache), with their ranks in a batch: the row's
+# index in its domain's packed row stream, the teacher's top-k ids and log-probabilities, its tail log-mass and
+# its log-probability of each target.
+CACHE_KEYS = {"cache_row": 1, "teacher_ids": 3, "teacher_logp": 3, "teacher_tail": 2, "teacher_target": 2}
 
 
-def jit_train_step(step: Callable, state_sh: dict, teacher_sh: Any, mesh: Mesh, rules) -> Callable:
+def batch_shardings(mesh: Mesh, rules, teacher_cache: bool = False) -> dict:
+  out = {k: sharding.batch_sharding(mesh, rules, 1 if k == "domain_id" else 2) for k in ROW_KEYS}
+  if teacher_cache:
+    out |= {k: sharding.batch_sharding(mesh, rules, ndim) for k, ndim in CACHE_KEYS.items()}
+  return out
+
+
+def jit_train_step(step: Callable, state_sh: dict, teacher_sh: Any, mesh: Mesh, rules,
+                   teacher_cache: bool = False) -> Callable:
   replicated = NamedSharding(mesh, P())
 
   def wrapped(state, teacher_params, batch):
     with sharding.activation_sharding(mesh, rules):
       return step(state, teacher_params, batch)
 
-  return jax.jit(wrapped, in_shardings=(state_sh, teacher_sh, batch_shardings(mesh, rules)),
+  return jax.jit(wrapped, in_shardings=(state_sh, teacher_sh, batch_shardings(mesh, rules, teacher_cache)),
                  out_shardings=(state_sh, replicated), donate_argnums=(0,))
 
 

@@ -114,8 +114,11 @@ def _score_teacher(run: Run, st: RunState) -> None:
     _log.warning("the validation rows differ from those the cached teacher losses were measured on (process "
                  "count or data changed): scoring the teacher again.")
   t = time.time()
-  lt, _ = validation.evaluate_domains(run.eval_teacher, run.teacher_params, run.validation, run.mesh, run.rules,
-                                      run.names)
+  if run.teacher_cache is not None:  # teacher.source='cache': measured on these rows when the cache was made
+    lt = run.teacher_cache.validation_losses(run.rows_key)
+  else:
+    lt, _ = validation.evaluate_domains(run.eval_teacher, run.teacher_params, run.validation, run.mesh, run.rules,
+                                        run.names)
   seconds = time.time() - t
   st.log.eval_seconds += seconds
   st.log.controller_eval_seconds += seconds
@@ -170,7 +173,7 @@ def _signal_accumulate(run: Run, st: RunState, step: int, m: dict) -> None:
   if "domain_teacher_ce_sum" not in m:
     if run.settings.ddk.signal == "train":
       raise TrainingError("ddk.signal='train' needs the teacher's CE on the training batches, which this train "
-                          "step does not report (a teacher read from a cache); use ddk.signal='validation'.")
+                          "step does not report; use ddk.signal='validation'.")
     return
   log = st.log
   if log.signal_tokens is None:  # the first step of a run (or of a resume from a checkpoint without a window)
@@ -321,7 +324,10 @@ def _score_whole_split(run: Run, st: RunState, step: int, *, teacher: bool = Fal
   _drain(run, st)
   t = time.time()
   fn, params = (run.eval_teacher, run.teacher_params) if teacher else (run.eval_student, st.train_state["params"])
-  losses, _ = validation.evaluate_domains(fn, params, run.whole_validation, run.mesh, run.rules, run.names)
+  if teacher and run.teacher_cache is not None:  # teacher.source='cache': measured when the cache was made
+    losses = run.teacher_cache.validation_losses(run.whole_rows_key)
+  else:
+    losses, _ = validation.evaluate_domains(fn, params, run.whole_validation, run.mesh, run.rules, run.names)
   seconds = time.time() - t
   st.log.eval_seconds += seconds
   who = "teacher" if teacher else "student"

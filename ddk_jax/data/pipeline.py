@@ -23,6 +23,11 @@ document boundary. Rows follow docs/architecture.md's batch contract:
 
     inputs, targets, segment_ids, positions: int32 [seq_len]; domain_id: int32 []
 
+With a teacher cache (`row_extras`, ddk_jax/teacher_cache.py) each domain's rows also
+carry `cache_row`, the row's index in that domain's packed row stream on this process
+(counted in the iterator state, so it resumes exactly), plus whatever `row_extras`
+looks up for it (the cached teacher). Without it, rows and states are as above.
+
 Validation, per domain: the same without shuffle/repeat (one deterministic
 pass over this process's slice), materialised once, and served as batches of
 B rows padded with all-zero rows (segment_ids 0 = no loss) so that every
@@ -145,14 +150,60 @@ class PackedRowsIterDataset(grain.IterDataset):
     return _PackedRowsIterator(self._packed.__iter__(), self._domain_id)
 
 
+# The key a keyed row iterator keeps its row count under in its state.
+CACHE_ROW = "cache_row"
+
+
+class _KeyedRowsIterator(grain.DatasetIterator):
+  """Numbers a domain's packed rows (`cache_row`: 0, 1, ... over the iterator's whole life,
+  across epochs) and adds `row_extras(domain_id, row_index, row)` to each row."""
+
+  def __init__(self, parent: grain.DatasetIterator, domain_id: int, row_extras):
+    super().__init__(parent)
+    self._domain_id = int(domain_id)
+    self._extras = row_extras
+    self._row = 0
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    row = next(self._parent)
+    if self._extras is not None:
+      row = {**row, **self._extras(self._domain_id, self._row, row)}
+    row[CACHE_ROW] = np.asarray(self._row, np.int32)
+    self._row += 1
+    return row
+
+  def get_state(self) -> dict[str, Any]:
+    return {**self._parent.get_state(), CACHE_ROW: self._row}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    state = dict(state)
+    self._row = int(state.pop(CACHE_ROW))
+    self._parent.set_state(state)
+
+
+class KeyedRowsIterDataset(grain.IterDataset):
+  """A domain's packed rows, each with its index in the domain's row stream (and extras)."""
+
+  def __init__(self, parent: PackedRowsIterDataset, *, domain_id: int, row_extras=None):
+    super().__init__(parent)
+    self._domain_id = domain_id
+    self._extras = row_extras
+
+  def __iter__(self) -> _KeyedRowsIterator:
+    return _KeyedRowsIterator(self._parent.__iter__(), self._domain_id, self._extras)
+
+
 def domain_rows(prepared_dir: str, manifest: dict[str, Any], domain: str, *,
                 domain_id: int, split: str = "train", seq_len: int,
                 process_index: int = 0, process_count: int = 1,
                 seed: int = 0, shuffle: bool = True,
                 num_epochs: int | None = None,
-                read_options: grain.ReadOptions | None = None
-                ) -> grain.IterDataset:
+                read_options: grain.ReadOptions | None = None,
+                keyed: bool = False, row_extras=None) -> grain.IterDataset:
   """Packed rows of one domain for this process (infinite if num_epochs=None).
+
+  `keyed` (implied by `row_extras`) numbers the rows (`cache_row`) and adds
+  `row_extras(domain_id, row_index, row)` (a dict of arrays) to each.
   """
   docs = domain_documents(prepared_dir, manifest, domain, split,
                           process_index=process_index,
@@ -169,7 +220,10 @@ def domain_rows(prepared_dir: str, manifest: dict[str, Any], domain: str, *,
     docs = docs.repeat(num_epochs)
   it = docs.map(_to_pair).to_iter_dataset(
       read_options or grain.ReadOptions(num_threads=0))
-  return PackedRowsIterDataset(it, seq_len=seq_len, domain_id=domain_id)
+  rows = PackedRowsIterDataset(it, seq_len=seq_len, domain_id=domain_id)
+  if keyed or row_extras is not None:
+    return KeyedRowsIterDataset(rows, domain_id=domain_id, row_extras=row_extras)
+  return rows
 
 
 # -------------------------------------------------------------------- train --
@@ -194,8 +248,8 @@ def build_train_dataset(data_cfg: Any, *, process_index: int | None = None,
                         weights: Sequence[float] | None = None,
                         manifest: dict[str, Any] | None = None,
                         tokenizer: Any = None,
-                        num_epochs: int | None = None
-                        ) -> DynamicMixtureIterDataset:
+                        num_epochs: int | None = None,
+                        row_extras=None) -> DynamicMixtureIterDataset:
   """The train mixture of packed rows for one process.
 
   Args:
@@ -209,6 +263,8 @@ def build_train_dataset(data_cfg: Any, *, process_index: int | None = None,
       loaded from data.tokenizer).
     num_epochs: None (default) repeats every domain forever; a number makes
       the domains finite (tests, one-pass analyses).
+    row_extras: `f(domain_id, row_index, row) -> dict` of arrays added to
+      every row (a teacher cache's lookup); rows then also carry `cache_row`.
   """
   cfg = with_defaults(data_cfg)
   specs = domain_specs(cfg)
@@ -219,7 +275,7 @@ def build_train_dataset(data_cfg: Any, *, process_index: int | None = None,
                   split="train", seq_len=int(cfg.seq_len), process_index=pi,
                   process_count=pc, seed=int(cfg.seed),
                   shuffle=bool(cfg.shuffle), num_epochs=num_epochs,
-                  read_options=_read_options(cfg))
+                  read_options=_read_options(cfg), row_extras=row_extras)
       for s in specs]
   return DynamicMixtureIterDataset(
       parents, weights if weights is not None else initial_weights(cfg),
