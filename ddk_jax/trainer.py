@@ -58,11 +58,7 @@ def _loop(run: Run, st: RunState, preemption: Preemption) -> dict:
   s = run.settings
   try:
     _score_teacher(run, st)
-    if st.step == 0 and st.log.initial_student_losses is None and not _update_at_start(s):
-      st.log.initial_student_losses = _score_student(run, st, 0).tolist()  # the report's "before"
-    if st.step == 0 and run.capped and st.log.whole_initial_student_losses is None:
-      # The controller scores a subset: the report's "before" is measured on the whole split, once.
-      st.log.whole_initial_student_losses = _score_whole_split(run, st, 0).tolist()
+    _score_before(run, st)
     while st.step < s.steps:
       if _ddk_update_due(run, st):
         _ddk_update(run, st)
@@ -133,6 +129,17 @@ def _update_at_start(s) -> bool:
   """Whether the controller updates at step 0: with the validation signal, unless switched off;
   the train signal has nothing to measure before the first training step."""
   return s.ddk.update_at_start and s.ddk.signal == "validation"
+
+
+def _score_before(run: Run, st: RunState) -> None:
+  """The report's "before" losses at step 0, when no DDK update at step 0 measures them, and
+  on the whole split (once) when the controller scores a subset of it."""
+  if st.step != 0:
+    return
+  if st.log.initial_student_losses is None and not _update_at_start(run.settings):
+    st.log.initial_student_losses = _score_student(run, st, 0).tolist()
+  if run.capped and st.log.whole_initial_student_losses is None:
+    st.log.whole_initial_student_losses = _score_whole_split(run, st, 0).tolist()
 
 
 def _ddk_update_due(run: Run, st: RunState) -> bool:
