@@ -36,6 +36,17 @@ class UsageError(Exception):
   """A bad command line or input file: its message is printed (no traceback) and the exit status is 2."""
 
 
+def require_config(argv: list[str], cfg, purpose: str):
+  """The parsed --config of an entry point that takes no positional arguments; UsageError
+  (one line, exit 2) for stray arguments or a missing --config, naming what the file is for."""
+  if len(argv) > 1:
+    raise UsageError(f"unexpected arguments {' '.join(argv[1:])}; config overrides are written "
+                     "--config.<key>=<value> (keys: docs/config.md); see --help for the flags.")
+  if cfg is None:
+    raise UsageError(f"--config is required: {purpose}, e.g. --config=configs/demo.py (keys: docs/config.md).")
+  return cfg
+
+
 def fail(message: str, prog: str | None = None) -> NoReturn:
   """Prints `prog: error: message` to stderr and exits with status 2."""
   prog = prog or _PROG[0] or os.path.basename(sys.argv[0] or "ddk_jax")

@@ -791,11 +791,7 @@ def _define_flags() -> dict:
 def _main(argv, f: dict) -> None:
   from ddk_jax import cli
 
-  if len(argv) > 1:
-    raise cli.UsageError(f"unexpected arguments {' '.join(argv[1:])}; see --help for the flags.")
-  cfg = f["config"].value
-  if cfg is None:
-    raise cli.UsageError("--config is required, e.g. --config=configs/demo.py: the experiment every mode runs.")
+  cfg = cli.require_config(argv, f["config"].value, "the experiment every mode runs")
   workdir = f["workdir"].value
   if not workdir:
     raise cli.UsageError("--workdir is required: the directory of the comparison (its runs, shared models and "

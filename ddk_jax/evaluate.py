@@ -546,12 +546,7 @@ def _define_flags() -> dict:
 def _main(argv, f: dict) -> None:
   from ddk_jax import cli
 
-  if len(argv) > 1:
-    raise cli.UsageError(f"unexpected arguments {' '.join(argv[1:])}; see --help for the flags.")
-  cfg = f["config"].value
-  if cfg is None:
-    raise cli.UsageError("--config is required, e.g. --config=configs/demo.py: the experiment whose validation data "
-                         "to score (keys: docs/config.md).")
+  cfg = cli.require_config(argv, f["config"].value, "the experiment whose validation data to score")
   workdir, hf_path, step, out = f["workdir"].value, f["hf_path"].value, f["step"].value, f["out"].value
   max_rows = f["max_rows"].value
   tasks, limit, num_fewshot = f["tasks"].value, f["limit"].value, f["num_fewshot"].value

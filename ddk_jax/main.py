@@ -71,12 +71,7 @@ def enable_compilation_cache(cache_dir: str) -> str | None:
 
 
 def _main(argv) -> None:
-  if len(argv) > 1:
-    raise cli.UsageError(f"unexpected arguments {' '.join(argv[1:])}; config overrides are written "
-                         "--config.<key>=<value> (keys: docs/config.md).")
-  cfg = _CONFIG.value
-  if cfg is None:
-    raise cli.UsageError("--config is required, e.g. --config=configs/demo.py (keys: docs/config.md).")
+  cfg = cli.require_config(argv, _CONFIG.value, "the experiment to train")
   setup_logging()
   from ddk_jax import multihost
   multihost.initialize_or_exit()

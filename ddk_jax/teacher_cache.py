@@ -757,13 +757,8 @@ def main(argv: list[str]) -> None:
   """`python -m ddk_jax.teacher_cache --config=FILE [--workdir=DIR]`: writes the config's teacher cache."""
   from absl import flags
   from ddk_jax import cli
-  if len(argv) > 1:
-    raise cli.UsageError(f"unexpected arguments {' '.join(argv[1:])}; config overrides are written "
-                         "--config.<key>=<value> (keys: docs/config.md).")
-  cfg = flags.FLAGS.config
-  if cfg is None:
-    raise cli.UsageError("--config is required: the run's experiment file, whose teacher is cached, e.g. "
-                         "--config=configs/demo.py (docs/teacher_cache.md).")
+  cfg = cli.require_config(argv, flags.FLAGS.config, "the run's experiment file, whose teacher is cached "
+                           "(docs/teacher_cache.md)")
   cli.setup_logging()
   from ddk_jax import multihost
   multihost.initialize_or_exit()

@@ -785,13 +785,8 @@ def main(argv: list[str]) -> None:
   """`python -m ddk_jax.data.prepare --config=FILE`: prepares the config's data."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ddk_jax import cli  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise cli.UsageError(f"unexpected arguments {' '.join(argv[1:])}; config overrides are written "
-                         "--config.<key>=<value> (keys: docs/config.md).")
-  cfg = flags.FLAGS.config
-  if cfg is None:
-    raise cli.UsageError("--config is required: the experiment file whose `data` section to prepare, e.g. "
-                         "--config=configs/demo.py (keys: docs/config.md and docs/data.md).")
+  cfg = cli.require_config(argv, flags.FLAGS.config, "the experiment file whose `data` section to prepare "
+                           "(docs/data.md)")
   if "data" not in cfg:
     raise cli.UsageError(f"{flags.FLAGS['config'].config_filename}: the config has no `data` section; see "
                          "docs/data.md.")
