@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import tiny_run
 from ddk_jax.controller import MixtureController
 from ddk_jax.ddk import MODES, apply_bounds, apply_floor
 from ddk_jax.reporting import controller_table, format_domain_table
@@ -549,31 +547,12 @@ _WORKER = textwrap.dedent("""
 
 
 def _run_workers(nproc: int) -> list[dict]:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = str(s.getsockname()[1])
+  port = str(tiny_run.free_port())
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), JAX_NUM_CPU_DEVICES="1")
   env.pop("XLA_FLAGS", None)
-  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), port, str(nproc)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(nproc)]
-  deadline = time.monotonic() + 180
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-  except subprocess.TimeoutExpired:
-    pytest.fail("the two-process evaluation hung (> 180 s)")
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  results = []
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out
-    line = [l for l in out.splitlines() if l.startswith("RESULT ")]
-    assert line, out
-    results.append(json.loads(line[-1][len("RESULT "):]))
-  return results
+  outs = tiny_run.run_local_processes(lambda i: [sys.executable, "-c", _WORKER, str(i), port, str(nproc)], nproc,
+                                      env=env, timeout=180, what="the two-process evaluation")
+  return [json.loads(tiny_run.result_line(out)) for out in outs]
 
 
 def test_two_processes_compute_identical_weights_from_global_eval_sums():

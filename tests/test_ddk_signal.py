@@ -16,11 +16,8 @@ import dataclasses
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import numpy as np
@@ -218,31 +215,12 @@ _WORKER = textwrap.dedent("""
 
 
 def _run_workers(nproc: int) -> list[dict]:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = str(s.getsockname()[1])
+  port = str(tiny_run.free_port())
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=tiny_run.REPO, JAX_NUM_CPU_DEVICES="1")
   env.pop("XLA_FLAGS", None)
-  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), port, str(nproc)], cwd=tiny_run.REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(nproc)]
-  deadline = time.monotonic() + 240
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-  except subprocess.TimeoutExpired:
-    pytest.fail("the two-process train steps hung (> 240 s)")
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  results = []
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out
-    line = [l for l in out.splitlines() if l.startswith("RESULT ")]
-    assert line, out
-    results.append(json.loads(line[-1][len("RESULT "):]))
-  return results
+  outs = tiny_run.run_local_processes(lambda i: [sys.executable, "-c", _WORKER, str(i), port, str(nproc)], nproc,
+                                      env=env, timeout=240, what="the two-process train steps")
+  return [json.loads(tiny_run.result_line(out)) for out in outs]
 
 
 def test_two_processes_compute_identical_weights_from_the_train_signal():

@@ -154,6 +154,36 @@ def run(config_path: str, workdir: str, *flags: str, env: dict | None = None, ti
                         capture_output=True, text=True, timeout=timeout)
 
 
+def run_local_processes(argv_of, n: int, *, env: dict, timeout: float, what: str) -> list[str]:
+  """Starts `n` local processes (`argv_of(i)` is process i's command line), waits for all of
+  them within `timeout` seconds (killing any left), asserts each exited 0; returns their
+  combined stdout/stderr in process order."""
+  import pytest
+  procs = [subprocess.Popen(argv_of(i), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for i in range(n)]
+  deadline = time.monotonic() + timeout
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+  except subprocess.TimeoutExpired:
+    pytest.fail(f"{what} hung (> {timeout:.0f} s)")
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  return outs
+
+
+def result_line(out: str, prefix: str = "RESULT ") -> str:
+  """The last line of a process's output that starts with `prefix`, without it."""
+  lines = [line for line in out.splitlines() if line.startswith(prefix)]
+  assert lines, out[-3000:]
+  return lines[-1][len(prefix):]
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
