@@ -11,6 +11,9 @@
 * Files and checks: a truncated shard fails with its file name and a rerun repairs it byte for
   byte; a cache of another teacher, tokenizer, seq_len, data, process count or too few steps is
   refused naming what differs; the CLI as a subprocess (smoke, rerun, user errors exit 2).
+* Two processes (jax.distributed over loopback, one CPU device each): the CLI on both writes each
+  process's own slice of every domain and one manifest; a two-process run reading that cache
+  (k = the vocabulary, float32) equals the same run with the online teacher within 1e-5 per step.
 """
 
 import json
@@ -426,3 +429,114 @@ def test_cli_writes_reuses_and_reports_user_errors(env, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert lines[-1].startswith("ddk_jax.teacher_cache: error: ") and what in lines[-1], lines[-3:]
     assert "Traceback" not in proc.stderr
+
+
+# ---- two processes ---------------------------------------------------------------------------------
+
+TWO_STEPS = 6
+# Two processes (jax.distributed over loopback), one CPU device each; params and batch sharded over both.
+TWO_PROCESS = {"steps": TWO_STEPS, "ddk.interval": 3, "checkpoint.every": 3, "mesh.data": 1, "mesh.fsdp": 2,
+               "mesh.tensor": 1}
+
+
+def _start_pair(command, logs, cache_dir):
+  port = tiny_run.free_port()
+  procs = []
+  for pid in range(2):
+    env = tiny_run.env_for(1, cache_dir=cache_dir, DDK_COORDINATOR=f"127.0.0.1:{port}", DDK_NUM_PROCESSES="2",
+                           DDK_PROCESS_ID=str(pid))
+    with open(f"{logs}.p{pid}.log", "ab") as log:
+      procs.append(subprocess.Popen(command, cwd=tiny_run.REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+  return procs
+
+
+def _finish_pair(procs, logs, what):
+  for pid, proc in enumerate(procs):
+    try:
+      rc = proc.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+      rc = None
+    if rc != 0:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+      with open(f"{logs}.p{pid}.log", errors="replace") as f:
+        pytest.fail(f"{what}, process {pid}: exit {rc}\n{f.read()[-6000:]}")
+
+
+def test_two_processes_write_their_own_slices_and_train_from_the_cache(shared, tmp_path):
+  """`python -m ddk_jax.teacher_cache` on two processes: each writes its own rows (`p<i>-of-2/`), the
+  manifest covers both; a two-process run reading the cache (k = the vocabulary, float32) matches the
+  same two-process run with the online teacher within 1e-5 per step, with the same mixture draws."""
+  from ddk_jax import data
+  from ddk_jax.data import pipeline
+  assets = shared["assets"]
+  vocab = data.load_tokenizer_from_config(tiny_run.tiny_config(assets).data).max_id + 1
+  cache_dir = str(tmp_path / "cache")
+  exact = {**TWO_PROCESS, "teacher.cache_dir": cache_dir, "teacher.cache_top_k": vocab,
+           "teacher.cache_dtype": "float32", "teacher.cache_rows_per_shard": 8}
+  config = tiny_run.write_config_file(str(tmp_path / "config.py"), assets, **exact)
+  online, cached = str(tmp_path / "online"), str(tmp_path / "cached")
+  logs = lambda name: str(tmp_path / name)
+  # The online pair runs alongside the cache writers (each pair idles while one of its processes compiles).
+  procs = []
+  try:
+    procs = _start_pair(tiny_run.main_command(config, online), logs("online"), shared["jax_cache"])
+    writers = _start_pair([sys.executable, "-m", "ddk_jax.teacher_cache", f"--config={config}"], logs("write"),
+                          shared["jax_cache"])
+    procs += writers
+    _finish_pair(writers, logs("write"), "the cache writer")
+    _finish_pair(procs[:2], logs("online"), "the online run")
+    procs = _start_pair(tiny_run.main_command(config, cached, "--config.teacher.source=cache"), logs("cached"),
+                        shared["jax_cache"])
+    _finish_pair(procs, logs("cached"), "the cached run")
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+
+  # Each process wrote its own slice of every domain; the manifest says two processes and covers them.
+  with open(os.path.join(cache_dir, "manifest.json")) as f:
+    manifest = json.load(f)
+  rows = TWO_STEPS * 8 // 2  # the rows a process draws in the run, all from one domain at worst
+  assert manifest["identity"]["process_count"] == 2 and manifest["rows_per_domain"] == rows
+  assert manifest["rows_per_shard"] == 8 and manifest["domains"] == list(tiny_run.DOMAINS)
+  assert manifest["record"] == {"seq_len": 32, "top_k": vocab, "id_dtype": "uint16", "dtype": "float32"}
+  assert [(v["eval_max_rows"], len(v["losses"])) for v in manifest["validation"].values()] == [(0, 3)]
+  with open(os.path.join(cache_dir, "cache.json")) as f:
+    assert json.load(f)["fingerprint"] == manifest["fingerprint"]
+  cfg = tiny_run.tiny_config(assets, **exact)
+  data_manifest = data.load_manifest(cfg.data.prepared_dir)
+  for d, spec in enumerate(data.domain_specs(cfg.data)):
+    assert sorted(os.listdir(os.path.join(cache_dir, spec.name))) == ["p0-of-2", "p1-of-2"]
+    crcs = []
+    for pid in range(2):
+      files = sorted(os.listdir(os.path.join(cache_dir, spec.name, f"p{pid}-of-2")))
+      assert files == [f"shard-0000{k}.{ext}" for k in range(3) for ext in ("array_record", "json")], files
+      for k in range(3):
+        with open(os.path.join(cache_dir, spec.name, f"p{pid}-of-2", f"shard-0000{k}.json")) as f:
+          marker = json.load(f)
+        assert marker["fingerprint"] == manifest["fingerprint"]
+        assert (marker["rows"], marker["first_row"]) == (8, 8 * k)
+      cache = teacher_cache.open_cache(cache_dir, process_index=pid, process_count=2)
+      # The entries are the rows of this process's stream, in order.
+      stream = iter(pipeline.domain_rows(
+          cfg.data.prepared_dir, data_manifest, spec.name, domain_id=spec.domain_id, split="train",
+          seq_len=32, process_index=pid, process_count=2, seed=int(cfg.data.seed), shuffle=bool(cfg.data.shuffle),
+          keyed=True))
+      got = [cache.read(d, i)[0] for i in range(rows)]
+      assert got == [teacher_cache.row_crc(next(stream)) for _ in range(rows)]
+      crcs.append(got)
+    assert crcs[0] != crcs[1]  # the two processes' slices hold other rows
+
+  # Training from the cache on the same two processes is the online run.
+  a, b = _train_rows(online), _train_rows(cached)
+  assert [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, TWO_STEPS + 1))
+  worst = max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in ("loss", "ce", "kl"))
+  assert worst <= 1e-5, worst
+  assert all(r["kl"] > 0 for r in b)
+  draws = lambda rs: [[r[f"rows/{d}"] for d in tiny_run.DOMAINS] for r in rs]
+  assert draws(a) == draws(b)
+  teacher = lambda w: [{k: v for k, v in r.items() if k != "time"} for r in tiny_run.metrics(w)
+                       if r["kind"] == "teacher_eval"]
+  assert len(teacher(cached)) == 1 and teacher(cached) == teacher(online)
