@@ -215,7 +215,10 @@ def _plot_weights(history: list[dict], names: list[str], path: str) -> None:
   plt.close(fig)
 
 
-def _plot_perplexity(history: list[dict], names: list[str], teacher: list[float] | None, path: str) -> None:
+def _plot_perplexity(history: list[dict], names: list[str], teacher: list[float] | None, path: str, *,
+                     signal: str = "validation") -> None:
+  """The controller's student losses at each update as perplexities: validation losses, or
+  with ddk.signal="train" the means over each interval's training batches."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -229,8 +232,9 @@ def _plot_perplexity(history: list[dict], names: list[str], teacher: list[float]
       ax.axhline(float(np.exp(teacher[i])), color=c, linestyle="--", linewidth=1)
   ax.set_yscale("log")
   ax.set_xlabel("step")
-  ax.set_ylabel("validation perplexity (dashed: teacher)")
-  ax.set_title("Student per-domain validation perplexity")
+  what = "training-batch" if signal == "train" else "validation"
+  ax.set_ylabel(f"{what} perplexity (dashed: teacher)")
+  ax.set_title(f"Student per-domain {what} perplexity at each DDK update")
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3, which="both")
   fig.tight_layout()
@@ -320,7 +324,8 @@ def write_report(workdir: str, summary: dict, history: list[dict], settings: Any
   plots = []
   if history:
     _plot_weights(history, names, storage.join(workdir, "domain_weights.png"))
-    _plot_perplexity(history, names, summary["teacher"], storage.join(workdir, "val_perplexity.png"))
+    _plot_perplexity(history, names, summary["teacher"], storage.join(workdir, "val_perplexity.png"),
+                     signal=getattr(getattr(settings, "ddk", None), "signal", "validation"))
     plots = ["domain_weights.png", "val_perplexity.png"]
   wall = max(summary["wall_seconds"], 1e-9)
   controller = summary.get("controller_eval_seconds", summary["eval_seconds"])
