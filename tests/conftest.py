@@ -18,4 +18,22 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", int(os.environ.get("DDK_TEST_NUM_DEVICES", "8")))
 
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "devices(n): the test lays arrays out over n emulated devices")
+
+
+def pytest_collection_modifyitems(config, items):
+  # The suite's default session has 8 emulated devices; with DDK_TEST_NUM_DEVICES=1 the tests
+  # whose point is a multi-device layout (2x2x2 meshes, sharded placement) cannot run.
+  have = jax.device_count()
+  for item in items:
+    mark = item.get_closest_marker("devices")
+    if mark is not None and have < mark.args[0]:
+      item.add_marker(pytest.mark.skip(reason=f"lays arrays out over {mark.args[0]} devices; this session has "
+                                              f"{have} (DDK_TEST_NUM_DEVICES)"))
+
+
 pytest_plugins = ["gcs_emulator"]  # gcs_emulator / gcs_bucket / gcs_dir fixtures: a local GCS (tests/gcs_emulator.py)

@@ -18,6 +18,9 @@ import tiny_run
 from ddk_jax import checkpointing, resume_policy, run_setup, trainer
 from ddk_jax import train_step as ts
 
+# Compared with the reference run on the 2 x 2 x 2 mesh of the default 8-device session.
+pytestmark = pytest.mark.devices(8)
+
 
 
 @pytest.fixture(scope="module")

@@ -353,6 +353,7 @@ def test_sharded_params_score_the_same(hf_dir, ours):
 
 
 @needs_harness
+@pytest.mark.devices(8)
 def test_from_run_serves_the_students_checkpoint(tmp_path):
   """A run's student (the latest committed step) with the run's tokenizer, on the default mesh."""
   import tiny_run

@@ -20,6 +20,9 @@ from ddk_jax import checkpointing, trainer
 from ddk_jax.config_validation import ConfigError
 from ddk_jax import train_step as ts
 
+# Compared with the reference run on the 2 x 2 x 2 mesh of the default 8-device session.
+pytestmark = pytest.mark.devices(8)
+
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,7 @@ def _save(manager, step):
       meta=ocp.args.JsonSave({"step": step, "note": "ü"})))
 
 
+@pytest.mark.devices(8)
 def test_orbax_manager_saves_and_restores_a_sharded_tree_on_gcs(gcs_dir):
   directory = checkpointing.checkpoint_dir(f"{gcs_dir}/run")
   assert directory == f"{gcs_dir}/run/checkpoints"
@@ -83,6 +84,7 @@ def test_orbax_manager_saves_and_restores_a_sharded_tree_on_gcs(gcs_dir):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.devices(8)
 def test_orbax_on_gcs_deletes_every_uncommitted_directory_in_its_root(gcs_dir):
   """What an owner manager (cleanup_tmp_directories=True) does at start on GCS: any directory
   of the checkpoints root without commit_success.txt counts as an unfinished save and is

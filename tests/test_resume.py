@@ -25,6 +25,9 @@ import pytest
 
 import tiny_run
 
+# Compared with the reference run on the 2 x 2 x 2 mesh of the default 8-device session.
+pytestmark = pytest.mark.devices(8)
+
 TIMEOUT = 300
 TWO_PROCESS = {"steps": 8, "ddk.interval": 4, "checkpoint.every": 3,
                "mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 1}

@@ -250,6 +250,7 @@ def _epochs(workdir, step, assets) -> list[float]:
   return [p["cache_row"] / per_epoch[d] for p, d in zip(parents, tiny_run.DOMAINS)]
 
 
+@pytest.mark.devices(8)
 def test_sigkill_and_rerun_of_a_cached_run_is_bit_identical(env, tmp_path):
   config = tiny_run.write_config_file(str(tmp_path / "config.py"), env["assets"], **_cached_overrides(env))
   penv = tiny_run.env_for(8, cache_dir=env["jax_cache"])

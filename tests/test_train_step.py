@@ -62,6 +62,7 @@ def mesh_of(devices, shape):
   return Mesh(np.asarray(devices).reshape(shape), sharding.MESH_AXES)
 
 
+@pytest.mark.devices(8)
 def test_one_device_and_8_device_mesh_agree():
   assert jax.device_count() >= 8, "conftest sets 8 emulated CPU devices"
   # Plain SGD: Adam's first step is ~lr*sign(g) and would amplify rounding noise in tiny grads.
@@ -177,6 +178,7 @@ def test_non_finite_step_is_skipped():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.devices(8)
 def test_eval_step_per_domain():
   mesh = mesh_of(jax.devices()[:8], (4, 2, 1))
   rules = sharding.DEFAULT_RULES
