@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import struct
+import time
 
 import grain
 import jax
@@ -98,6 +99,11 @@ def test_orbax_on_gcs_deletes_every_uncommitted_directory_in_its_root(gcs_dir):
   assert storage.listdir(directory) == ["1", "2", "2.unusable-20260101T000000"]
   assert checkpointing.scan_steps(directory)[0] == [1]
   owner = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(cleanup_tmp_directories=True))
+  # The cleanup runs in a background thread that close() does not wait for (the next save
+  # does), so the directory is polled until it has finished.
+  deadline = time.monotonic() + 60
+  while storage.listdir(directory) != ["1"] and time.monotonic() < deadline:
+    time.sleep(0.2)
   owner.close()
   assert storage.listdir(directory) == ["1"]
 
