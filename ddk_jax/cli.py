@@ -218,7 +218,7 @@ def load_config_file(spec: str, config_flag: str = "config") -> tuple[Any, str |
   except Exception as e:  # noqa: BLE001
     line = _innermost_line(e, path)
     return None, (f"config file {path}: get_config() raised {type(e).__name__}{f' at line {line}' if line else ''}: "
-                  f"{_first_line(e)}. Fix the file or what it reads.")
+                  f"{_first_line(e).rstrip('.')}. Fix the file or what it reads.")
   if cfg is None:
     return None, f"config file {path}: get_config() returned None; it must return the ConfigDict (missing return?)."
   return cfg, None

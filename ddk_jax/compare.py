@@ -3,6 +3,7 @@ at the same token budget, evaluated the same way.
 
     python -m ddk_jax.compare --config=configs/demo.py --workdir=runs/compare \
         --modes=cpt,kd,ddk,ddk_no_smoothing,ddk_equal_sampling [--seeds=0,1,2] \
+        [--variant='ddk_excess: ddk, ddk.discrepancy="excess"' ...] \
         [--tasks=ddk_local --limit=200] [--config.<key>=<value> ...]
 
 For every (mode, seed) it trains `<workdir>/<mode>_s<seed>` with `trainer.train` (the config's
@@ -12,6 +13,12 @@ downstream tasks, and writes `<workdir>/comparison.md` and `<workdir>/comparison
 per-domain perplexity per mode (mean and standard deviation over seeds), mean perplexity, the
 worst domain's student/teacher CE ratio, downstream accuracies, plots, and whether the paper's
 orderings hold in these numbers.
+
+Variants: `--variant='NAME: MODE, KEY=VALUE, ...'` (repeatable) adds runs named NAME that train
+with MODE and the config keys given (values are Python literals: numbers, quoted strings, dicts
+such as `ddk.floor={"math": 0.1}`; anything else is a string). They are compared like modes and
+also against kd and ddk, gap by gap with the seeds' spread. With variants and no `--modes`,
+only the variants run.
 
 Shared models: a teacher or student read from a run directory given by a relative path
 (`<model>.source='workdir'`, e.g. the demo's pre-trained `teacher` and `student_base`) lives in
@@ -87,6 +94,104 @@ def parse_modes(text: str | None) -> list[str]:
   return modes
 
 
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """A named run setting of a comparison: a mode plus config overrides."""
+  name: str
+  mode: str
+  overrides: tuple[tuple[str, Any], ...] = ()
+
+
+def _split_top_level(text: str) -> list[str]:
+  """`text` split on commas outside brackets and quotes."""
+  parts, depth, quote, start = [], 0, None, 0
+  for i, ch in enumerate(text):
+    if quote:
+      quote = None if ch == quote else quote
+    elif ch in "'\"":
+      quote = ch
+    elif ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+    elif ch == "," and depth == 0:
+      parts.append(text[start:i])
+      start = i + 1
+  parts.append(text[start:])
+  return [p.strip() for p in parts]
+
+
+def _literal(text: str) -> Any:
+  import ast
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_variant(text: str) -> Variant:
+  """`--variant='NAME: MODE, KEY=VALUE, ...'`."""
+  import re
+  example = "e.g. --variant='ddk_excess: ddk, ddk.discrepancy=\"excess\"'"
+  name, sep, rest = text.partition(":")
+  name = name.strip()
+  if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+    raise CompareError(f"--variant={text!r}: expected NAME: MODE, KEY=VALUE, ... with NAME of letters, digits, "
+                       f"'_', '.' or '-'; {example}.")
+  if name in ddk.MODES:
+    raise CompareError(f"--variant {name}: {name} is a mode's name; give the variant another name.")
+  fields = _split_top_level(rest)
+  mode = fields[0]
+  if mode not in ddk.MODES:
+    raise CompareError(f"--variant {name}: {mode!r} is not a mode; the first field after the name is one of "
+                       f"{', '.join(ddk.MODES)} ({example}).")
+  overrides = []
+  for field in fields[1:]:
+    key, eq, value = field.partition("=")
+    key = key.strip()
+    if not eq or not key:
+      raise CompareError(f"--variant {name}: {field!r} is not KEY=VALUE; {example}.")
+    if key == "mode":
+      raise CompareError(f"--variant {name}: the mode is the first field after the name, not a KEY=VALUE.")
+    overrides.append((key, _literal(value.strip())))
+  return Variant(name=name, mode=mode, overrides=tuple(overrides))
+
+
+def parse_variants(texts: Sequence[str] | None, modes: Sequence[str] = ()) -> list[Variant]:
+  """Every `--variant`, names unique and distinct from `modes`."""
+  variants = [parse_variant(t) for t in texts or ()]
+  names = [v.name for v in variants]
+  dup = sorted({n for n in names if names.count(n) > 1})
+  if dup:
+    raise CompareError(f"--variant names {dup[0]} twice; give each variant its own name.")
+  return variants
+
+
+def apply_overrides(cfg: Any, variant: Variant) -> Any:
+  """A copy of `cfg` with the variant's mode and keys set; CompareError naming a key that is not in
+  the config or a value of the wrong type."""
+  import difflib
+  cfg = copy.deepcopy(cfg)
+  cfg.mode = variant.mode
+  for key, value in variant.overrides:
+    parts = key.split(".")
+    node = cfg
+    for k, part in enumerate(parts):
+      have = list(node.keys()) if hasattr(node, "keys") else []
+      if part not in have:
+        near = difflib.get_close_matches(part, have, n=1)
+        where = ".".join(parts[:k]) or "the config"
+        hint = f"; did you mean {'.'.join(parts[:k] + near)}?" if near else ""
+        raise CompareError(f"--variant {variant.name}: {key} is not a config key ({part!r} is not in {where}){hint}")
+      if k < len(parts) - 1:
+        node = node[part]
+    try:
+      node[parts[-1]] = value
+    except (TypeError, ValueError, AttributeError) as e:
+      raise CompareError(f"--variant {variant.name}: {key}={value!r}: {e}") from None
+  return cfg
+
+
 def parse_seeds(text: str | None) -> list[int]:
   """`--seeds`: comma-separated non-negative integers, each once (default: 0)."""
   parts = [s.strip() for s in (text if text is not None else "0").split(",") if s.strip()]
@@ -109,8 +214,9 @@ def parse_seeds(text: str | None) -> list[int]:
 
 @dataclasses.dataclass
 class RunSpec:
-  name: str  # <mode>_s<seed>
-  mode: str
+  name: str  # <label>_s<seed>
+  label: str  # the mode, or the variant's name: what the tables call it
+  mode: str  # the mode it trains with
   seed: int
   workdir: str
   cfg: Any  # the run's config (ConfigDict)
@@ -121,9 +227,10 @@ class Plan:
   workdir: str
   shared_dir: str
   base: Any  # the config with shared model paths; its own seeds (the evaluation's data and the shared models)
-  modes: list[str]
+  modes: list[str]  # labels: modes and variant names, in order
   seeds: list[int]
   runs: list[RunSpec]
+  variants: list[Variant] = dataclasses.field(default_factory=list)
 
 
 def shared_config(cfg: Any, workdir: str) -> Any:
@@ -139,23 +246,29 @@ def shared_config(cfg: Any, workdir: str) -> Any:
   return cfg
 
 
-def make_plan(cfg: Any, workdir: str, modes: Sequence[str], seeds: Sequence[int]) -> Plan:
-  """The runs of the comparison: one config per (mode, seed), in `modes` order, seeds inner."""
+def make_plan(cfg: Any, workdir: str, modes: Sequence[str | Variant], seeds: Sequence[int]) -> Plan:
+  """The runs of the comparison: one config per (mode or variant, seed), in `modes` order, seeds inner."""
   workdir = storage.resolve(workdir)
   base = shared_config(cfg, workdir)
+  entries = [m if isinstance(m, Variant) else Variant(name=m, mode=m) for m in modes]
+  names = [e.name for e in entries]
+  dup = sorted({n for n in names if names.count(n) > 1})
+  if dup:
+    raise CompareError(f"{dup[0]} is both a mode and a variant of this comparison; give the variant another name.")
   runs = []
-  for mode in modes:
+  for entry in entries:
+    configured = apply_overrides(base, entry)
     for seed in seeds:
-      c = copy.deepcopy(base)
-      c.mode = mode
-      c.seed = int(base.seed) + seed
-      c.data.seed = int(base.data.seed) + seed
+      c = copy.deepcopy(configured)
+      c.seed = int(configured.seed) + seed
+      c.data.seed = int(configured.data.seed) + seed
       if seed:  # data.seed keys the prepared shards
         c.data.prepared_dir = storage.join(workdir, "shared", f"prepared_s{seed}")
-      name = f"{mode}_s{seed}"
-      runs.append(RunSpec(name=name, mode=mode, seed=seed, workdir=storage.join(workdir, name), cfg=c))
-  return Plan(workdir=workdir, shared_dir=storage.join(workdir, "shared"), base=base, modes=list(modes),
-              seeds=list(seeds), runs=runs)
+      name = f"{entry.name}_s{seed}"
+      runs.append(RunSpec(name=name, label=entry.name, mode=entry.mode, seed=seed,
+                          workdir=storage.join(workdir, name), cfg=c))
+  return Plan(workdir=workdir, shared_dir=storage.join(workdir, "shared"), base=base, modes=names,
+              seeds=list(seeds), runs=runs, variants=[e for e in entries if e.overrides or e.name != e.mode])
 
 
 def check_plan(plan: Plan, num_devices: int) -> None:
@@ -213,7 +326,7 @@ def prepare_shared(plan: Plan) -> str:
   config's own seed); "ready" or "preempted"."""
   from ddk_jax import bootstrap
   cfg = copy.deepcopy(plan.base)
-  cfg.mode = "kd" if any(ddk.uses_teacher(m) for m in plan.modes) else "cpt"
+  cfg.mode = "kd" if any(ddk.uses_teacher(r.mode) for r in plan.runs) else "cpt"
   _log.info("compare: shared models in %s", plan.shared_dir)
   _, status = bootstrap.prepare_models(cfg, plan.shared_dir)
   return status
@@ -264,7 +377,7 @@ def finished_runs(plan: Plan) -> set[str]:
 def train_run(run: RunSpec, index: int, total: int, *, done: bool) -> str:
   """Trains (or resumes, or skips when `done`) one run; "done", "skipped" or "preempted"."""
   from ddk_jax import trainer
-  where = f"compare [{index}/{total}] {run.mode} seed {run.seed}"
+  where = f"compare [{index}/{total}] {run.label} seed {run.seed}"
   if done:
     _log.info("%s: skipping training: finished at step %d (%s)", where, int(run.cfg.steps), run.workdir)
     return "skipped"
@@ -296,7 +409,7 @@ def evaluate_run(plan: Plan, run: RunSpec, index: int, total: int, *, teacher: b
   """`evaluate_checkpoint` of the run's last step on the whole validation split (the base
   config's data: the same rows for every run), written to `<run>/eval/step_<N>.json`; reused
   when that file is there for the same step and settings, unless `fresh` (the run just trained)."""
-  where = f"compare [{index}/{total}] {run.mode} seed {run.seed}"
+  where = f"compare [{index}/{total}] {run.label} seed {run.seed}"
   steps = int(run.cfg.steps)
   path = evaluate.default_output(run.workdir, steps)
   key = _eval_key(plan, run, tasks, limit, num_fewshot)
@@ -368,11 +481,14 @@ def summarize(plan: Plan, results: Mapping[str, dict], walls: Mapping[str, float
     r = results[run.name]
     down = r.get("downstream")
     runs.append({
-        "name": run.name, "mode": run.mode, "seed": run.seed, "workdir": run.workdir, "step": r["student"]["step"],
+        "name": run.name, "mode": run.label, "train_mode": run.mode,
+        "overrides": {k: v for k, v in next((e.overrides for e in plan.variants if e.name == run.label), ())},
+        "seed": run.seed, "workdir": run.workdir, "step": r["student"]["step"],
         "eval_file": evaluate.default_output(run.workdir, int(run.cfg.steps)),
         "ce": {d: r["domains"][d]["student_ce"] for d in names},
         "ppl": {d: r["domains"][d]["student_ppl"] for d in names},
         "mean_ce": r["mean"]["student_ce"], "mean_ppl": r["mean"]["student_ppl"],
+        "worst_ppl": max(r["domains"][d]["student_ppl"] for d in names),
         "worst_ratio": _worst_ratio(r, teacher["ce"] if teacher else None),
         "downstream": down, "mean_acc": evaluate.mean_accuracy(down) if down else None,
         "mean_acc_stderr": _mean_stderr(down),
@@ -387,6 +503,7 @@ def summarize(plan: Plan, results: Mapping[str, dict], walls: Mapping[str, float
         "seeds": [r["seed"] for r in rs],
         "ppl": {d: _stat([r["ppl"][d] for r in rs]) for d in names},
         "mean_ppl": _stat([r["mean_ppl"] for r in rs]),
+        "worst_ppl": _stat([r["worst_ppl"] for r in rs]),
         "mean_ce": _stat([r["mean_ce"] for r in rs]),
         "worst_ratio": None if worst_stat is None else dict(worst_stat, domains=[w["domain"] for w in worst]),
         "acc": {t: _stat([(r["downstream"] or {}).get(t, {}).get("acc") for r in rs]) for t in tasks},
@@ -466,6 +583,37 @@ def _identical_modes(runs: Sequence[Mapping]) -> list[list[str]]:
   return [g for g in groups if len(g) > 1]
 
 
+# What `versus` judges: key, higher is better, name, format.
+VERSUS_KEYS = (("mean_ppl", False, "mean perplexity", ".2f"), ("worst_ppl", False, "worst-domain perplexity", ".2f"),
+               ("mean_ce", False, "mean CE", ".4f"), ("worst_ratio", False, "worst-domain CE ratio", ".3f"),
+               ("mean_acc", True, "mean accuracy", ".4f"))
+VERSUS_REFERENCES = ("kd", "ddk")
+
+
+def versus(by_mode: Mapping) -> dict:
+  """Every mode or variant against kd and ddk (where compared): per key the gap (positive: better
+  than the reference), the two seed standard deviations added, and whether the gap exceeds them
+  (None with one seed)."""
+  out: dict[str, dict] = {}
+  for ref in VERSUS_REFERENCES:
+    if ref not in by_mode:
+      continue
+    out[ref] = {}
+    for label, m in by_mode.items():
+      if label == ref:
+        continue
+      entry = {}
+      for key, higher, _, _ in VERSUS_KEYS:
+        a, b = m.get(key), by_mode[ref].get(key)
+        if a is None or b is None:
+          continue
+        gap = (a["mean"] - b["mean"]) if higher else (b["mean"] - a["mean"])
+        spread = a["sd"] + b["sd"] if a["sd"] is not None and b["sd"] is not None else None
+        entry[key] = {"gap": gap, "spread": spread, "beyond_spread": None if spread is None else abs(gap) > spread}
+      out[ref][label] = entry
+  return out
+
+
 def paper_claim(comparison: Mapping) -> dict:
   """The paper's orderings checked against these numbers: mean perplexity ddk < kd < cpt,
   downstream accuracy ddk > kd > cpt, and where the ablations fall relative to ddk."""
@@ -474,7 +622,7 @@ def paper_claim(comparison: Mapping) -> dict:
            "ce": _chain(by_mode, "mean_ce", higher_better=False),
            "accuracy": _chain(by_mode, "mean_acc", higher_better=True),
            "worst_ratio_order": _order(by_mode, "worst_ratio", reverse=False), "ablations": {},
-           "identical": _identical_modes(comparison.get("runs", []))}
+           "identical": _identical_modes(comparison.get("runs", [])), "versus": versus(by_mode)}
   for ab in ABLATIONS:
     if ab not in by_mode or "ddk" not in by_mode:
       continue
@@ -560,6 +708,34 @@ def _claim_lines(comparison: Mapping) -> list[str]:
   return lines
 
 
+def _versus_lines(comparison: Mapping) -> list[str]:
+  """One table per reference (kd, ddk): every other mode's or variant's gap to it."""
+  table = comparison["claim"].get("versus") or {}
+  lines = []
+  for ref, rows in table.items():
+    if not rows:
+      continue
+    keys = [k for k in VERSUS_KEYS if any(k[0] in e for e in rows.values())]
+    lines += [f"## Against {ref}", "",
+              f"Gap to {ref}, positive where the row is better (lower perplexity, CE and ratio; higher accuracy); "
+              "in brackets the two seed standard deviations added; **bold** where the gap exceeds them.", "",
+              "| mode | " + " | ".join(k[2] for k in keys) + " |", "|---|" + "---:|" * len(keys)]
+    for label, entry in rows.items():
+      cells = []
+      for key, _, _, fmt in keys:
+        e = entry.get(key)
+        if e is None:
+          cells.append("-")
+          continue
+        cell = f"{e['gap']:+{fmt}}"
+        if e["spread"] is not None:
+          cell = (f"**{cell}**" if e["beyond_spread"] else cell) + f" ({e['spread']:{fmt}})"
+        cells.append(cell)
+      lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+  return lines
+
+
 def write_markdown(comparison: Mapping, path: str, plots: Sequence[str]) -> str:
   c = comparison
   names, by_mode, teacher = c["domains"], c["by_mode"], c["teacher"]
@@ -574,20 +750,30 @@ def write_markdown(comparison: Mapping, path: str, plots: Sequence[str]) -> str:
           f"Scored on the whole validation split ({', '.join(f'{d} {k}' for d, k in c['validation']['rows'].items())} "
           f"rows of {c['validation']['seq_len']} tokens); numbers are {spread}.", "",
           "## Validation perplexity per domain (lower is better)", "",
-          "| mode | " + " | ".join(names) + " | mean | mean CE | worst student/teacher CE ratio |",
-          "|---|" + "---:|" * (len(names) + 3)]
+          "| mode | " + " | ".join(names) + " | mean | worst | mean CE | worst student/teacher CE ratio |",
+          "|---|" + "---:|" * (len(names) + 4)]
   if teacher:
     text.append("| teacher | " + " | ".join(f"{teacher['ppl'][d]:.2f}" for d in names)
-                + f" | {teacher['mean_ppl']:.2f} | {np.mean(list(teacher['ce'].values())):.4f} | |")
+                + f" | {teacher['mean_ppl']:.2f} | {max(teacher['ppl'].values()):.2f} | "
+                f"{np.mean(list(teacher['ce'].values())):.4f} | |")
   for mode, m in by_mode.items():
     worst = "-"
     if m["worst_ratio"] is not None:
       domains = sorted(set(m["worst_ratio"]["domains"]))
       worst = f"{_fmt(m['worst_ratio'], '.3f')} ({', '.join(domains)})"
     text.append(f"| {mode} | " + " | ".join(_fmt(m["ppl"][d]) for d in names) + f" | {_fmt(m['mean_ppl'])} | "
-                f"{_fmt(m['mean_ce'], '.4f')} | {worst} |")
-  text += ["", "mean: the unweighted mean of the domains' perplexities; mean CE: of their CEs (nats per token). "
-           "Ratio: the largest per-domain student CE / teacher CE (DDK's lS / lT), with its domain.", ""]
+                f"{_fmt(m.get('worst_ppl'))} | {_fmt(m['mean_ce'], '.4f')} | {worst} |")
+  text += ["", "mean: the unweighted mean of the domains' perplexities; worst: the highest domain perplexity of "
+           "each run; mean CE: the mean of the domains' CEs (nats per token). Ratio: the largest per-domain "
+           "student CE / teacher CE (DDK's lS / lT), with its domain.", ""]
+  variants = [r for r in c["runs"] if r.get("overrides") or r.get("train_mode", r["mode"]) != r["mode"]]
+  if variants:
+    seen = {}
+    for r in variants:
+      seen.setdefault(r["mode"], (r["train_mode"], r["overrides"]))
+    text += ["Variants: " + "; ".join(
+        f"{name} = {mode}" + "".join(f", {k}={v!r}" for k, v in over.items()) for name, (mode, over) in seen.items())
+        + ".", ""]
   settings = c.get("downstream_settings")
   if settings:
     tasks = list(next(iter(by_mode.values()))["acc"])
@@ -601,6 +787,7 @@ def write_markdown(comparison: Mapping, path: str, plots: Sequence[str]) -> str:
                   + f" | {_fmt(m['mean_acc'], '.4f')} |")
     text.append("")
   text += ["## The paper's claim", "", *_claim_lines(c), ""]
+  text += _versus_lines(c)
   if plots:
     text += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
   text += ["## Runs", "", "| run | mode | seed | steps | train wall time (s) | mean ppl | evaluation |",
@@ -728,10 +915,10 @@ def format_table(comparison: Mapping) -> str:
 # ---- the whole comparison ---------------------------------------------------------------------------
 
 
-def compare(cfg: Any, workdir: str, modes: Sequence[str], seeds: Sequence[int] = (0,), *,
+def compare(cfg: Any, workdir: str, modes: Sequence[str | Variant], seeds: Sequence[int] = (0,), *,
             tasks: str | Sequence[str] | None = None, limit: int = 0, num_fewshot: int = 0,
             config_file: str | None = None) -> dict:
-  """Trains, evaluates and compares every (mode, seed); returns comparison.json's dict, or
+  """Trains, evaluates and compares every (mode or variant, seed); returns comparison.json's dict, or
   {"status": "preempted"} after SIGTERM (rerun to resume).  Every process of a multi-host job
   calls it; process 0 writes the outputs.  Raises CompareError, ConfigError, TrainingError,
   EvaluationError (and the trainer's NonFiniteError / CheckpointError)."""
@@ -778,7 +965,11 @@ def _define_flags() -> dict:
           "mode and seed. Override any key with --config.<key>=<value> (docs/config.md).", lock_config=True),
       "workdir": flags.DEFINE_string("workdir", None, "Directory of the comparison: <mode>_s<seed>/ runs, shared/ "
                                      "models, comparison.md and comparison.json."),
-      "modes": flags.DEFINE_string("modes", DEFAULT_MODES, f"Comma-separated modes to compare ({DEFAULT_MODES})."),
+      "modes": flags.DEFINE_string("modes", None, f"Comma-separated modes to compare (default: {DEFAULT_MODES}; "
+                                   "with --variant and no --modes, none)."),
+      "variant": flags.DEFINE_multi_string("variant", [], "A named variant to compare, repeatable: 'NAME: MODE, "
+                                           "KEY=VALUE, ...' (config keys, Python literal values), e.g. "
+                                           "'ddk_excess: ddk, ddk.discrepancy=\"excess\"'."),
       "seeds": flags.DEFINE_string("seeds", "0", "Comma-separated seed offsets: seed S adds S to the config's seed "
                                    "and data.seed (0: the config as it is)."),
       "tasks": flags.DEFINE_string("tasks", None, "Downstream tasks to run on every student, comma-separated "
@@ -798,7 +989,14 @@ def _main(argv, f: dict) -> None:
                          "comparison.md), e.g. --workdir=runs/compare.")
   tasks, limit, num_fewshot = f["tasks"].value, f["limit"].value, f["num_fewshot"].value
   try:  # what can be checked before JAX starts
-    modes, seeds = parse_modes(f["modes"].value), parse_seeds(f["seeds"].value)
+    variants = parse_variants(f["variant"].value)
+    given = f["modes"].value
+    if given is None:
+      modes = [] if variants else parse_modes(DEFAULT_MODES)
+    else:
+      modes = parse_modes(given)
+    modes = [*modes, *variants]
+    seeds = parse_seeds(f["seeds"].value)
     if not evaluate.split_tasks(tasks) and (limit or num_fewshot):
       given = "--limit" if limit else "--num_fewshot"
       raise CompareError(f"{given} applies to downstream tasks; pass --tasks=... (e.g. --tasks=ddk_local) or leave "

@@ -171,9 +171,16 @@ def test_markdown_has_the_tables_and_the_plots(setup, compared):
   out = setup["out"]
   with open(os.path.join(out, "comparison.md")) as f:
     md = f.read()
-  assert "| mode | short | long | mixed | mean | mean CE | worst student/teacher CE ratio |" in md
+  assert "| mode | short | long | mixed | mean | worst | mean CE | worst student/teacher CE ratio |" in md
   t = comp["teacher"]
   assert f"| teacher | {t['ppl']['short']:.2f} | {t['ppl']['long']:.2f} | {t['ppl']['mixed']:.2f} |" in md
+  for mode in MODES:
+    worst = comp["by_mode"][mode]["worst_ppl"]
+    assert worst["mean"] == pytest.approx(np.mean([max(r["ppl"].values()) for r in comp["runs"] if r["mode"] == mode]))
+  gap = comp["claim"]["versus"]["ddk"]["cpt"]["mean_ce"]
+  assert "## Against ddk" in md and f"| cpt | {comp['claim']['versus']['ddk']['cpt']['mean_ppl']['gap']:+.2f}" in md
+  by_mode = comp["by_mode"]
+  assert gap["gap"] == pytest.approx(by_mode["ddk"]["mean_ce"]["mean"] - by_mode["cpt"]["mean_ce"]["mean"])
   for mode in MODES:
     m = comp["by_mode"][mode]
     s = m["ppl"]["short"]
@@ -221,7 +228,45 @@ def test_rerun_skips_finished_runs_and_resumes_an_interrupted_one(setup, compare
       assert a["ce"][d] == pytest.approx(b["ce"][d], abs=1e-6)
 
 
+def test_a_variant_joins_the_comparison_and_is_judged_against_ddk(setup, compared):
+  """A named variant (mode + config keys) added to the finished comparison: only its runs train,
+  with its settings, and the tables show it next to the modes and against ddk."""
+  out = setup["out"]
+  variant = 'ddk_excess: ddk, ddk.discrepancy="excess", ddk.floor={"short": 0.3, "long": 0.1}'
+  p = _run(*setup["args"], f"--variant={variant}", env=setup["env"])
+  assert p.returncode == 0, p.stderr[-4000:]
+  assert p.stderr.count("skipping training") == len(RUNS)
+  assert "compare [5/6] ddk_excess seed 0: training 4 steps" in p.stderr
+  comp = _read(os.path.join(out, "comparison.json"))
+  assert comp["modes"] == [*MODES, "ddk_excess"]
+  names = [f"ddk_excess_s{s}" for s in SEEDS]
+  assert [r["name"] for r in comp["runs"]] == [*RUNS, *names]
+  for name, seed in zip(names, SEEDS):
+    cfg = _meta(out, name, STEPS)[1]["config"]
+    assert cfg["mode"] == "ddk" and cfg["ddk"]["discrepancy"] == "excess" and cfg["seed"] == seed
+    assert cfg["ddk"]["floor"] == {"short": 0.3, "long": 0.1}
+    weights = [r for r in tiny_run.metrics(os.path.join(out, name)) if r["kind"] == "weights"]
+    assert weights and all(r["weights/short"] >= 0.3 - 1e-6 and r["weights/long"] >= 0.1 - 1e-6 for r in weights)
+  run = comp["runs"][-1]
+  assert run["mode"] == "ddk_excess" and run["train_mode"] == "ddk"
+  assert run["overrides"] == {"ddk.discrepancy": "excess", "ddk.floor": {"short": 0.3, "long": 0.1}}
+  by_mode = comp["by_mode"]
+  gap = comp["claim"]["versus"]["ddk"]["ddk_excess"]["mean_ppl"]
+  assert gap["gap"] == pytest.approx(by_mode["ddk"]["mean_ppl"]["mean"] - by_mode["ddk_excess"]["mean_ppl"]["mean"])
+  assert gap["spread"] == pytest.approx(by_mode["ddk"]["mean_ppl"]["sd"] + by_mode["ddk_excess"]["mean_ppl"]["sd"])
+  assert gap["beyond_spread"] == (abs(gap["gap"]) > gap["spread"])
+  assert "kd" not in comp["claim"]["versus"]  # not compared
+  with open(os.path.join(out, "comparison.md")) as f:
+    md = f.read()
+  assert "## Against ddk" in md and "| ddk_excess |" in md and "| cpt |" in md
+  assert "Variants: ddk_excess = ddk, ddk.discrepancy='excess', ddk.floor={'short': 0.3, 'long': 0.1}." in md
+
+
 @pytest.mark.parametrize("args, needles", [
+    (["--variant=ddk_x: ddk, ddk.discrepncy=1"],
+     ["ddk.discrepncy is not a config key", "did you mean ddk.discrepancy?"]),
+    (["--variant=ddk_x: ddk, ddk.discrepancy='sideways'"], ["discrepancy", "sideways"]),
+    (["--variant=ddk: kd"], ["ddk is a mode's name"]),
     (["--modes=cpt,kdd"], ["unknown mode 'kdd'", "did you mean kd?"]),
     (["--modes=ddk,ddk"], ["--modes names ddk twice"]),
     (["--seeds=0,one"], ["--seeds: 'one' is not an integer"]),
@@ -292,6 +337,34 @@ def test_paper_claim_places_the_ablations_and_the_spread():
   assert claim["ablations"]["ddk_equal_sampling"]["mean_ppl"]["worse_than_ddk"] is True
   assert claim["accuracy"]["holds"] is None and set(claim["accuracy"]["missing"]) == {"cpt", "kd", "ddk"}
   assert math.isclose(claim["perplexity"]["pairs"][0]["gap"], 1.0)
+
+
+def test_versus_judges_every_entry_against_kd_and_ddk_with_the_spread():
+  from ddk_jax import compare
+  by_mode = _by_mode({"kd": 20.0, "ddk": 19.0, "ddk_excess": 15.0}, {"kd": 0.40, "ddk": 0.42, "ddk_excess": 0.41},
+                     sd=1.0)
+  table = compare.versus(by_mode)
+  assert set(table) == {"kd", "ddk"} and set(table["kd"]) == {"ddk", "ddk_excess"}
+  assert table["kd"]["ddk_excess"]["mean_ppl"] == {"gap": 5.0, "spread": 2.0, "beyond_spread": True}
+  assert table["kd"]["ddk"]["mean_ppl"] == {"gap": 1.0, "spread": 2.0, "beyond_spread": False}
+  assert table["ddk"]["ddk_excess"]["mean_acc"]["gap"] == pytest.approx(-0.01)  # higher is better: worse here
+  one_seed = compare.versus(_by_mode({"kd": 20.0, "x": 10.0}))
+  assert one_seed["kd"]["x"]["mean_ppl"] == {"gap": 10.0, "spread": None, "beyond_spread": None}
+
+
+def test_parse_variant():
+  from ddk_jax import compare
+  v = compare.parse_variant("ddk_b: ddk, ddk.floor={'math': 0.1, 'code': 0.05}, ddk.cap=0.4, ddk.signal=train")
+  assert v == compare.Variant("ddk_b", "ddk", (("ddk.floor", {"math": 0.1, "code": 0.05}), ("ddk.cap", 0.4),
+                                               ("ddk.signal", "train")))
+  assert compare.parse_variant("x.1: kd") == compare.Variant("x.1", "kd")
+  for bad, error in (("ddk_b ddk", "expected NAME: MODE"), ("a b: ddk", "expected NAME: MODE"),
+                     ("b: kdd", "'kdd' is not a mode"), ("b: ddk, ddk.cap", "is not KEY=VALUE"),
+                     ("b: ddk, mode=kd", "the mode is the first field")):
+    with pytest.raises(compare.CompareError, match=error):
+      compare.parse_variant(bad)
+  with pytest.raises(compare.CompareError, match="names b twice"):
+    compare.parse_variants(["b: ddk", "b: kd"])
 
 
 @pytest.mark.parametrize("text, error", [

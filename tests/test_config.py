@@ -32,6 +32,21 @@ def test_shipped_configs_validate(name, devices):
   validate_config(cfg, devices)
 
 
+def test_demo_skewed_mixture():
+  """configs/demo.py:skewed changes only the domains' weights (the same corpus and files)."""
+  spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "configs", "demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  uniform, skewed = module.get_config(), module.get_config("skewed")
+  assert [d["weight"] for d in uniform.data.domains] == [1.0] * 5
+  weights = {d["name"]: d["weight"] for d in skewed.data.domains}
+  assert weights == {"records": 0.05, "math": 0.10, "code": 0.20, "docstrings": 0.25, "prose": 0.40}
+  assert [dict(d, weight=1.0) for d in skewed.data.domains] == list(uniform.data.domains)
+  validate_config(skewed, 1)
+  with pytest.raises(ValueError, match="unknown mixture; use one of uniform, skewed"):
+    module.get_config("skewd")
+
+
 def test_paper_pair_shapes():
   cfg = load_config("tinyllama")
   assert (cfg.teacher.model.num_layers, cfg.teacher.model.hidden_size) == (40, 5120)  # Llama-2-13B
