@@ -107,10 +107,31 @@ def _teacher_section(cfg: Any, run_config: Mapping | None, workdir: str | None) 
     section, seed, mode = copy.deepcopy(dict(run_config["teacher"])), int(run_config["seed"]), run_config["mode"]
   else:
     section, seed, mode = cfg.teacher.to_dict(), int(cfg.seed), str(cfg.mode)
+  if section.get("source") == "cache":
+    section, seed = _teacher_of_cache(section, seed)
   path = str(section.get("path") or "")
   if section.get("source") == "workdir" and path and not storage.is_remote(path) and not os.path.isabs(path):
     section["path"] = os.path.join(workdir, path) if workdir else os.path.abspath(path)
   return section, seed + 1, mode  # the trainer initialises a random teacher from seed + 1
+
+
+def _teacher_of_cache(section: dict, seed: int) -> tuple[dict, int]:
+  """A run trained from a teacher cache never loaded its teacher: the teacher to score is the one
+  the cache was made from (its manifest names it)."""
+  from ddk_jax import storage, teacher_cache
+  cache_dir = str(section.get("cache_dir") or "")
+  manifest_path = storage.join(cache_dir, teacher_cache.MANIFEST) if cache_dir else ""
+  try:
+    made = json.loads(storage.read_text(manifest_path))["identity"]["teacher"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise EvaluationError(
+        f"the teacher came from the cache in {cache_dir or '(teacher.cache_dir is empty)'}, whose manifest "
+        f"cannot be read ({type(e).__name__}), so the teacher it was made from is unknown; pass "
+        "--config.teacher.source=hf --config.teacher.path=DIR (or workdir), or --noteacher.") from None
+  section = dict(section, source=made["source"], path=made.get("path") or "")
+  if made["source"] == "random":
+    seed = int(made["seed"]) - 1  # the cache records the teacher's own seed (the run's seed + 1)
+  return section, seed
 
 
 def _check_teacher_source(section: Mapping, where: str) -> None:

@@ -236,6 +236,28 @@ def test_k_equal_to_the_vocab_matches_the_online_teacher(env):
   assert {k: v for k, v in a.items() if k != "time"} == {k: v for k, v in b.items() if k != "time"}
 
 
+def test_evaluate_scores_the_teacher_a_cached_run_was_distilled_from(env, tmp_path):
+  """A cached run never loaded its teacher: evaluate scores the one the cache was made from (its
+  manifest names it), giving the online run's teacher numbers; without the manifest it says what to pass."""
+  from ddk_jax import evaluate
+  cfg = tiny_run.tiny_config(env["assets"], **env["exact"])
+  online = evaluate.evaluate_checkpoint(cfg, workdir=env["online"], teacher=True)
+  cached = evaluate.evaluate_checkpoint(cfg, workdir=env["cached"], teacher=True)
+  assert cached["teacher"]["source"] == online["teacher"]["source"] != "cache"
+  for d in tiny_run.DOMAINS:
+    assert cached["domains"][d]["teacher_ce"] == online["domains"][d]["teacher_ce"]
+  moved = str(tmp_path / "cached")
+  shutil.copytree(env["cached"], moved)
+  meta = os.path.join(moved, "checkpoints", str(STEPS), "meta", "metadata")
+  with open(meta) as f:
+    saved = json.load(f)
+  saved["config"]["teacher"]["cache_dir"] = str(tmp_path / "gone")
+  with open(meta, "w") as f:
+    json.dump(saved, f)
+  with pytest.raises(evaluate.EvaluationError, match="came from the cache in .*gone.*--noteacher"):
+    evaluate.evaluate_checkpoint(cfg, workdir=moved, teacher=True)
+
+
 def _rows_per_epoch(assets) -> dict:
   with open(os.path.join(assets, "prepared", "manifest.json")) as f:
     manifest = json.load(f)
