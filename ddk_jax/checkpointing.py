@@ -416,6 +416,18 @@ class RunCheckpoints:
       self._raise_save_error(self._in_flight, e)
     self._in_flight = None
 
+  def write_error(self, e: OSError) -> CheckpointError:
+    """The error for another file of the run (metrics.jsonl, the report) that could not be written,
+    a full disk say, once any in-flight save has been waited for: which file, why, and which
+    committed checkpoints the rerun resumes from."""
+    good, _ = scan_steps(self.directory)
+    where = e.filename or "a file of the workdir"
+    intact = (f"the committed checkpoints {good} are intact; rerun the same command after fixing it and the run "
+              f"resumes from step {good[-1]} (rows logged after it are dropped and logged again)." if good else
+              "no checkpoint was committed yet; rerun the same command after fixing it to start the run again.")
+    return CheckpointError(f"writing {where} failed: {e.strerror or e}. {_errno_hint(e)}Nothing committed was "
+                           f"lost: {intact}")
+
   def close(self, *, quiet: bool = False) -> None:
     """Waits for an in-flight save and closes the manager (quiet: log a failure, do not raise)."""
     try:

@@ -16,6 +16,11 @@ from ddk_jax import storage
 _log = logging.getLogger("ddk_jax")
 
 
+def _named(e: OSError, path: str) -> OSError:
+  """`e` with the file it concerns (a failed flush does not say)."""
+  return e if e.filename else OSError(e.errno, e.strerror or str(e), str(path))
+
+
 class MetricsWriter:
   """Appends `{"step", "kind", ...}` rows to metrics.jsonl and scalars to TensorBoard."""
 
@@ -39,8 +44,11 @@ class MetricsWriter:
       return
     row = {"step": int(step), "kind": kind, "time": round(time.time(), 3)}
     row.update({k: float(v) for k, v in values.items()})
-    self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
+    try:
+      self._file.write(json.dumps(row) + "\n")
+      self._file.flush()
+    except OSError as e:
+      raise _named(e, self._file.path) from e
     if self._tb is not None:
       for k, v in values.items():
         self._tb.add_scalar(k if "/" in k else f"{kind}/{k}", float(v), int(step))
@@ -49,7 +57,10 @@ class MetricsWriter:
     """Stores everything written so far (on gs://: uploads metrics.jsonl and the events)."""
     if not self.enabled:
       return
-    self._file.flush_remote()
+    try:
+      self._file.flush_remote()
+    except OSError as e:
+      raise _named(e, self._file.path) from e
     if self._tb is not None:
       self._tb.flush()
       self._tb_dir.sync()

@@ -118,7 +118,12 @@ class Run:
 
   def close(self, *, quiet: bool = False) -> None:
     self.progress.close()
-    self.writer.close()
+    try:
+      self.writer.close()
+    except OSError as e:  # quiet: closing after another error, which is the one to report
+      if not quiet:
+        raise
+      _log.error("closing metrics.jsonl / TensorBoard failed: %s", e)
     self.ckpt.close(quiet=quiet)
 
 

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddk_jax import bootstrap, ddk as ddk_lib, reporting, run_setup, validation
+from ddk_jax import bootstrap, checkpointing, ddk as ddk_lib, reporting, run_setup, validation
 from ddk_jax.errors import NonFiniteError, TrainingError  # noqa: F401  (part of this module's API)
 from ddk_jax.preemption import Preemption
 from ddk_jax.run_setup import Run, RunState
@@ -47,6 +47,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
     run, state = run_setup.setup(cfg, settings, workdir, allow_config_change=allow_config_change)
     try:
       summary = _loop(run, state, preemption)
+    except OSError as e:  # a file of the workdir could not be written (a full disk, say)
+      try:
+        run.ckpt.wait()  # a save in flight that failed as well is the error to report (it names its step)
+      except checkpointing.CheckpointError:
+        run.close(quiet=True)
+        raise
+      run.close(quiet=True)
+      raise run.ckpt.write_error(e) from e
     except BaseException:
       run.close(quiet=True)  # lets an in-flight save of a good step finish
       raise
