@@ -122,6 +122,7 @@ class Run:
       self.writer.close()
     except OSError as e:  # quiet: closing after another error, which is the one to report
       if not quiet:
+        self.ckpt.close(quiet=True)
         raise
       _log.error("closing metrics.jsonl / TensorBoard failed: %s", e)
     self.ckpt.close(quiet=quiet)

@@ -58,7 +58,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
     except BaseException:
       run.close(quiet=True)  # lets an in-flight save of a good step finish
       raise
-    run.close()
+    try:
+      run.close()
+    except OSError as e:
+      raise run.ckpt.write_error(e) from e
     return summary
 
 
