@@ -157,8 +157,8 @@ def parse_variant(text: str) -> Variant:
   return Variant(name=name, mode=mode, overrides=tuple(overrides))
 
 
-def parse_variants(texts: Sequence[str] | None, modes: Sequence[str] = ()) -> list[Variant]:
-  """Every `--variant`, names unique and distinct from `modes`."""
+def parse_variants(texts: Sequence[str] | None) -> list[Variant]:
+  """Every `--variant`, each name once."""
   variants = [parse_variant(t) for t in texts or ()]
   names = [v.name for v in variants]
   dup = sorted({n for n in names if names.count(n) > 1})
