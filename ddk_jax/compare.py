@@ -293,17 +293,8 @@ def check_plan(plan: Plan, num_devices: int) -> None:
 
 def _agree(value: Any) -> Any:
   """Process 0's JSON-able `value` on every process (files it reads may be on its disk only)."""
-  import jax
-  if jax.process_count() == 1:
-    return value
-  from jax.experimental import multihost_utils
-  data = np.frombuffer(json.dumps(value).encode(), np.uint8) if jax.process_index() == 0 else np.zeros(0, np.uint8)
-  size = int(multihost_utils.broadcast_one_to_all(np.array([data.size], np.int32))[0])
-  buf = np.zeros(size, np.int32)
-  if jax.process_index() == 0:
-    buf[:] = data
-  buf = multihost_utils.broadcast_one_to_all(buf)
-  return json.loads(np.asarray(buf, np.uint8).tobytes().decode())
+  from ddk_jax import multihost
+  return multihost.broadcast_json(value)
 
 
 def _is_main() -> bool:

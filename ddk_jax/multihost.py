@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import logging
 import os
 import re
@@ -296,3 +297,19 @@ def initialize_or_exit() -> StartPlan:
   except ValueError as e:
     log.error("%s", e)
     sys.exit(EXIT_CONFIG)
+
+
+def broadcast_json(obj: Any) -> Any:
+  """Process 0's JSON-able `obj` on every process (itself when there is one process)."""
+  import jax
+  if jax.process_count() == 1:
+    return obj
+  import numpy as np
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if jax.process_index() == 0 else np.zeros(0, np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.array([data.size], np.int32))[0])
+  buf = np.zeros(size, np.int32)
+  if jax.process_index() == 0:
+    buf[:] = data
+  buf = multihost_utils.broadcast_one_to_all(buf)
+  return json.loads(np.asarray(buf, np.uint8).tobytes().decode())

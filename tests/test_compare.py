@@ -26,17 +26,6 @@ RUNS = [f"{m}_s{s}" for m in MODES for s in SEEDS]
 STEPS = 4
 
 
-def _local_tasks(root: str) -> str:
-  """A one-task local task directory (ddk_math) built from a small demo corpus, once per session."""
-  from ddk_jax.demo.corpus import ensure_demo_corpus
-  from ddk_jax.downstream import local_tasks
-  out = os.path.join(root, "local_tasks")
-  if not os.path.exists(os.path.join(out, local_tasks.MANIFEST)):
-    corpus = ensure_demo_corpus(os.path.join(root, "demo_corpus"), scale=0.05, vocab_size=512)["out_dir"]
-    local_tasks.generate_local_tasks(out, corpus, tasks=["ddk_math"])
-  return out
-
-
 def _overrides(root: str, assets: str) -> dict:
   domains = []
   for i, (name, weight) in enumerate((("short", 1.0), ("long", 2.0), ("mixed", 1.0))):
@@ -67,7 +56,7 @@ def setup(tmp_path_factory):
   assets = tiny_run.shared_assets(shared)
   overrides = _overrides(str(root), assets)
   config = tiny_run.write_config_file(str(root / "tiny.py"), assets, **overrides)
-  env = tiny_run.env_for(1, cache_dir=str(root / "jax_cache"), DDK_DOWNSTREAM_TASKS=_local_tasks(shared))
+  env = tiny_run.env_for(1, cache_dir=str(root / "jax_cache"), DDK_DOWNSTREAM_TASKS=tiny_run.local_math_task(shared))
   args = [f"--config={config}", f"--config.compilation_cache_dir={env['JAX_COMPILATION_CACHE_DIR']}",
           f"--workdir={root / 'out'}", f"--modes={','.join(MODES)}", f"--seeds={','.join(map(str, SEEDS))}",
           "--tasks=ddk_math", "--limit=3"]

@@ -286,20 +286,9 @@ def test_uncapped_run_uses_one_set_of_rows(trained):
 # ---- downstream tasks: --tasks, and eval.tasks in training -------------------------------------------
 
 
-def _local_tasks(root: str) -> str:
-  """A one-task local task directory (ddk_math) built from a small demo corpus, once per session."""
-  from ddk_jax.demo.corpus import ensure_demo_corpus
-  from ddk_jax.downstream import local_tasks
-  out = os.path.join(root, "local_tasks")
-  if not os.path.exists(os.path.join(out, local_tasks.MANIFEST)):
-    corpus = ensure_demo_corpus(os.path.join(root, "demo_corpus"), scale=0.05, vocab_size=512)["out_dir"]
-    local_tasks.generate_local_tasks(out, corpus, tasks=["ddk_math"])
-  return out
-
-
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
-  return _local_tasks(tiny_run.shared_root(tmp_path_factory))
+  return tiny_run.local_math_task(tiny_run.shared_root(tmp_path_factory))
 
 
 def test_tasks_add_accuracies_to_the_json_and_the_table(cli_env, whole_split, task_dir, tmp_path):

@@ -320,3 +320,14 @@ def reference_env(tmp_path_factory, name: str):
 def reference_config(env: dict, **overrides):
   """The reference run's config with `overrides` (dotted keys)."""
   return tiny_config(env["assets"], **{**REFERENCE, **overrides})
+
+
+def local_math_task(root: str) -> str:
+  """A one-task local task directory (ddk_math) built from a small demo corpus, once per session."""
+  from ddk_jax.demo.corpus import ensure_demo_corpus
+  from ddk_jax.downstream import local_tasks
+  out = os.path.join(root, "local_tasks")
+  if not os.path.exists(os.path.join(out, local_tasks.MANIFEST)):
+    corpus = ensure_demo_corpus(os.path.join(root, "demo_corpus"), scale=0.05, vocab_size=512)["out_dir"]
+    local_tasks.generate_local_tasks(out, corpus, tasks=["ddk_math"])
+  return out

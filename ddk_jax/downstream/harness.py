@@ -3,15 +3,14 @@ over a `DDKJaxLM`, results as `{task: {metric: value}}`."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from typing import Any, Sequence
 
 import jax
-import numpy as np
 
+from ddk_jax import multihost
 from ddk_jax.downstream import local_tasks
 
 _log = logging.getLogger("ddk_jax.downstream")
@@ -41,18 +40,6 @@ def _metrics(entry: dict[str, Any]) -> dict[str, float]:
     name, filt = key.split(",", 1)
     out[name if filt == "none" else f"{name}/{filt}"] = float(value)
   return out
-
-
-def _broadcast_json(obj: Any) -> Any:
-  """process 0's JSON-able `obj` on every process."""
-  from jax.experimental import multihost_utils
-  data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if jax.process_index() == 0 else np.zeros(0, np.uint8)
-  size = int(multihost_utils.broadcast_one_to_all(np.array([data.size], np.int32))[0])
-  buf = np.zeros(size, np.int32)
-  if jax.process_index() == 0:
-    buf[:] = data
-  buf = multihost_utils.broadcast_one_to_all(buf)
-  return json.loads(np.asarray(buf, np.uint8).tobytes().decode())
 
 
 def run_tasks(model_adapter, tasks: str | Sequence[Any], *, limit: int | float | None = None, num_fewshot: int = 0,
@@ -86,7 +73,7 @@ def run_tasks(model_adapter, tasks: str | Sequence[Any], *, limit: int | float |
     raise ValueError("no tasks given")
   if jax.process_count() > 1 and jax.process_index() != 0:
     model_adapter.serve()
-    return _broadcast_json(None)
+    return multihost.broadcast_json(None)
 
   ok = False
   try:
@@ -96,7 +83,7 @@ def run_tasks(model_adapter, tasks: str | Sequence[Any], *, limit: int | float |
   finally:
     model_adapter.stop(ok)
   if jax.process_count() > 1:
-    results = _broadcast_json(results)
+    results = multihost.broadcast_json(results)
   return results
 
 
