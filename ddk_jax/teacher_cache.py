@@ -49,6 +49,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ddk_jax.data.prepare import tmp_tag, write_json_atomic
 from ddk_jax.errors import TrainingError
 
 FORMAT_VERSION = 1
@@ -70,25 +71,12 @@ class TeacherCacheError(TrainingError):
 # ---------------------------------------------------------------------------- small helpers
 
 
-def _tmp_tag() -> str:
-  return f".tmp-{socket.gethostname()}-{os.getpid()}"
-
-
 def _read_json(path: str) -> Any | None:
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
   except (FileNotFoundError, json.JSONDecodeError):
     return None
-
-
-def _write_json(path: str, obj: Any) -> None:
-  tmp = path + _tmp_tag()
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def _sha(obj: Any) -> str:
@@ -433,7 +421,7 @@ def build_cache(cfg: Any, *, workdir: str | None = None, progress: bool = True,
   if layout_info is None:
     layout_info = {"fingerprint": fingerprint, "identity": identity,
                    "rows_per_shard": tc.rows_per_shard or max(1, _SHARD_BYTES // record.nbytes)}
-    _write_json(layout_path, layout_info)  # identical on every host
+    write_json_atomic(layout_path, layout_info)  # identical on every host
   per_shard = int(layout_info["rows_per_shard"])
   old = _read_json(os.path.join(cache_dir, MANIFEST))
   old = old if old and old.get("fingerprint") == fingerprint else None
@@ -532,7 +520,7 @@ def build_cache(cfg: Any, *, workdir: str | None = None, progress: bool = True,
       "validation": losses, "domains": names,
   }
   _agree_flags([True])  # every host has written its rows
-  _write_json(os.path.join(cache_dir, MANIFEST), manifest)  # identical on every host
+  write_json_atomic(os.path.join(cache_dir, MANIFEST), manifest)  # identical on every host
   if log and is_main:
     log(f"[teacher_cache] done: {os.path.join(cache_dir, MANIFEST)} ({len(names)} domains x {total} rows per process, "
         f"k={tc.top_k}, {record.dtype}, {time.time() - started:.1f} s)")
@@ -568,7 +556,7 @@ def _write_domain(spec: Any, data_manifest: dict, cfg: Any, shards: list[int], d
     rows = [next(it) for _ in range(n)]
     first = int(rows[0][pipeline.CACHE_ROW])
     assert first == sum(shards[:k]), (spec.name, k, first)
-    tmp = base + ".array_record" + _tmp_tag()
+    tmp = base + ".array_record" + tmp_tag()
     writer = array_record_module.ArrayRecordWriter(tmp, _WRITER_OPTIONS)
     try:
       for i in range(0, n, micro * 8):
@@ -579,7 +567,7 @@ def _write_domain(spec: Any, data_manifest: dict, cfg: Any, shards: list[int], d
       writer.close()
     os.replace(tmp, base + ".array_record")
     state = it.get_state()
-    _write_json(base + ".json", {"fingerprint": fingerprint, "rows": n, "first_row": first,
+    write_json_atomic(base + ".json", {"fingerprint": fingerprint, "rows": n, "first_row": first,
                                  "bytes": os.path.getsize(base + ".array_record"), "next_state": state})
     at = k
 

@@ -86,7 +86,7 @@ def test_workers_give_the_same_bytes(tmp_path, sources, tok_dir, reference, monk
 def _die_in_shard(job):
   """Runs in a worker process: dies (SIGKILL) half-way through shard 3 of a/train."""
   if (job.domain, job.split, job.index) == ("a", "train", 3):
-    with open(f"{job.base}.array_record{P._tmp_tag()}", "wb") as f:  # pylint: disable=protected-access
+    with open(f"{job.base}.array_record{P.tmp_tag()}", "wb") as f:
       f.write(b"half a shard")
     time.sleep(1.0)  # let the shards before it finish
     os.kill(os.getpid(), signal.SIGKILL)

@@ -70,14 +70,15 @@ _SHARED_DIR_WAIT_S = 60.0
 # ------------------------------------------------------------- file helpers --
 
 
-def _tmp_tag() -> str:
-  # Host and pid: concurrent prepares (several hosts on a shared file system)
-  # never write the same temporary file.
+def tmp_tag() -> str:
+  """Suffix of this process's temporary files (also the teacher cache's).  Host and pid:
+  concurrent writers (several hosts on a shared file system) never write the same one."""
   return f".tmp-{socket.gethostname()}-{os.getpid()}"
 
 
-def _atomic_write_json(path: str, obj: Any) -> None:
-  tmp = path + _tmp_tag()
+def write_json_atomic(path: str, obj: Any) -> None:
+  """`obj` as JSON at `path`, replaced whole (fsync'ed temporary file, then rename)."""
+  tmp = path + tmp_tag()
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=1, sort_keys=True)
     f.flush()
@@ -180,7 +181,7 @@ def _write_shard(job: _ShardJob, tok: TextTokenizer,
   """Writes one shard under a temporary name, renames it, then writes its marker; returns the marker."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
 
-  tmp = f"{job.base}.array_record{_tmp_tag()}"
+  tmp = f"{job.base}.array_record{tmp_tag()}"
   dtype = np.dtype(job.dtype)
   writer = array_record_module.ArrayRecordWriter(tmp, _WRITER_OPTIONS)
   docs = tokens = skipped = 0
@@ -204,7 +205,7 @@ def _write_shard(job: _ShardJob, tok: TextTokenizer,
       "documents": docs, "tokens": tokens, "skipped_empty": skipped,
   }
   # The marker is what makes the shard "finished"; it is written last.
-  _atomic_write_json(job.base + ".json", marker)
+  write_json_atomic(job.base + ".json", marker)
   return marker
 
 
@@ -471,7 +472,7 @@ def _schedule_domain(spec: DomainSpec, seq: int, *, tok: TextTokenizer, data_cfg
                                      int(data_cfg.seed))
       info.update(source_documents=total, holdout=held)
     # Identical on every host: concurrent writers replace it with the same content.
-    _atomic_write_json(info_path, info)
+    write_json_atomic(info_path, info)
 
   def texts(split: str) -> Iterator[str]:
     if not spec.holds_out_validation:
@@ -712,11 +713,11 @@ def prepare(data_cfg: Any, *, progress: bool = True,
   path = os.path.join(prepared_dir, MANIFEST)
   if process_count == 1:
     if old != manifest:
-      _atomic_write_json(path, manifest)
+      write_json_atomic(path, manifest)
     return manifest
   try:
     if process_index == 0 and old != manifest:
-      _atomic_write_json(path, manifest)
+      write_json_atomic(path, manifest)
   except Exception as e:  # pylint: disable=broad-except
     error = e
   _agree(error, "writing the manifest")
